@@ -1,0 +1,13 @@
+"""autotp: automatic tensor parallelism for PyTorch models.
+
+    sharded = autotp.shard(model, world_size=4, example_inputs=(ids,))
+    print(autotp.plan(model, world_size=4, example_inputs=(ids,)).summary())
+"""
+from .api import ShardConfig, ShardedModule, plan, shard
+from .capture import CaptureError, capture
+from .placements import Partial, Replicate, Shard
+from .plan import Plan
+
+__all__ = ["shard", "plan", "Plan", "ShardConfig", "ShardedModule", "capture", "CaptureError",
+           "Replicate", "Shard", "Partial"]
+__version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""Placement analysis: seeds from dataflow patterns, propagation by per-op rules, fixpoint.
+
+The analysis runs in rounds.  Each round propagates placements through the whole
+graph in topological order, starting from
+
+* every user input ``Replicate``;
+* every *column seed* -- a linear whose weight is a 2-D parameter
+  (``passes.find_linear_seeds``) -- producing ``Shard(-1, chunks)``;
+* every *vocab seed* -- an embedding looked up with user-provided ids
+  (``passes.find_vocab_embeddings``) -- producing ``Partial``.
+
+Rules (``autotp.rules``) carry shards through pointwise ops, views, attention and
+so on, and turn a shard on a linear's contracted dim into a row-parallel linear
+(``Partial`` output).  Where a rule cannot keep a shard, the round records a
+failure naming the seeds the shard came from; those seeds are demoted (or, when
+only the chunk layout was too coarse, refined) and the next round starts.  A
+round with no failure is the answer.  Seeds whose shard is *meant* to leave
+the sharded region (the LM head: a vocab projection whose logits are returned)
+are not demoted: the shard is gathered where it is first needed whole.
+
+The result is written on every node as ``node.meta["autotp"]`` and returned as
+an ``Analysis`` holding the redistributions (collectives and local slices) the
+lowering must insert -- the same list the plan reports.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .placements import Partial, Placement, Replicate, Shard
+from .rules import Ctx, Decision, Unsupported, is_tensor_node, param_of, rule_for, tensor_inputs
+
+R = Replicate()
+MAX_ROUNDS = 32
+
+
+@dataclass
+class Redistribution:
+    """A placement change on the edge ``src -> consumer``.
+
+    kind: ``all_reduce`` (P->R), ``all_gather`` (S->R), ``slice`` (R->S, local),
+    ``copy`` (R feeding a sharded op: identity forward, all-reduce of the gradient).
+    """
+
+    src: Node
+    consumer: Node
+    frm: Placement
+    to: Placement
+    kind: str
+
+
+@dataclass
+class Failure:
+    node: Node
+    origins: frozenset
+    reason: str
+    chunk_factor: int | None
+
+
+@dataclass
+class Analysis:
+    graph_module: GraphModule
+    world_size: int
+    decisions: dict[Node, Decision]
+    placements: dict[Node, Any]
+    param_placements: dict[str, Placement]
+    redistributions: list[Redistribution]
+    column_seeds: dict[Node, int]
+    vocab_seeds: set[Node]
+    demoted: dict[Node, str] = field(default_factory=dict)
+    rounds: int = 0
+    needs_grad: set[Node] = field(default_factory=set)
+
+
+def _is_floating(node: Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _escape_ok(seed: Node, ctx: Ctx, tied: set[str]) -> bool:
+    """May this seed's shard leave the sharded region (gathered where first needed whole)?
+
+    Yes for projections that widen (the LM head over the vocab) and for weights
+    shared with a vocab-parallel embedding: their memory is worth a gather.
+    """
+    from .rules import linear_weight
+
+    found = linear_weight(seed)
+    if found is None:
+        return False
+    _, w, w_out, w_in = found
+    shape = w.meta["val"].shape
+    return w.target in tied or shape[w_out] > shape[w_in]
+
+
+def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
+    pl = ctx.placements
+    pl.clear()
+    decisions: dict[Node, Decision] = {}
+    origins: dict[Node, frozenset] = {}
+    failures: list[Failure] = []
+
+    ctx.reduced.clear()
+
+    def shard_origins(xs):
+        out = frozenset()
+        for x in xs:
+            if isinstance(ctx.pl(x), (Shard, list)):
+                out |= origins.get(x, frozenset())
+        return out
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            pl[node] = R if is_tensor_node(node) else None
+            continue
+        if node.op == "get_attr":
+            pl[node] = None
+            continue
+        if node.op == "output":
+            ins = {}
+            for x in tensor_inputs(node):
+                p = pl.get(x)
+                if isinstance(p, Shard):
+                    bad = frozenset(o for o in origins.get(x, ()) if not _escape_ok(o, ctx, tied))
+                    if bad:
+                        failures.append(Failure(node, bad, "a sharded value reaches the output", None))
+                if p is not None:
+                    ins[x] = R
+            decisions[node] = Decision(None, ins, why="outputs are replicated")
+            continue
+        try:
+            dec = rule_for(node)(ctx, node)
+        except Unsupported as e:
+            tins = tensor_inputs(node)
+            orig = shard_origins(e.culprits if e.culprits is not None else tins)
+            bad = frozenset(o for o in orig if not _escape_ok(o, ctx, tied))
+            if bad or e.chunk_factor:
+                failures.append(Failure(node, bad if not e.chunk_factor else orig, e.reason, e.chunk_factor))
+            vals = node.meta.get("val")
+            out = [R] * len(vals) if isinstance(vals, (list, tuple)) else R
+            dec = Decision(out, {x: R for x in tins}, why=f"replicated: {e.reason}")
+        decisions[node] = dec
+        pl[node] = dec.out
+        if isinstance(dec.out, Partial) and len(node.users) > 1:
+            ctx.reduced.add(node)  # forks: reduce once here rather than once per branch
+        if dec.role == "column" or dec.role == "vocab":
+            origins[node] = frozenset([node])
+        else:
+            origins[node] = shard_origins(tensor_inputs(node))
+    return decisions, failures
+
+
+def analyze(gm: GraphModule, world_size: int, *, column_seeds: list[Node], vocab_seeds: list[Node],
+            strict: bool = False) -> Analysis:
+    """Run the fixpoint and record redistributions. See the module docstring."""
+    ctx = Ctx(world_size, {}, {})
+    ctx.column_seeds = {s: 1 for s in column_seeds}
+    ctx.vocab_seeds = set(vocab_seeds)
+    vocab_weights = {n.args[0].target for n in vocab_seeds}
+    demoted: dict[Node, str] = {}
+    bumps: dict[Node, int] = {}
+    rounds = 0
+    for rounds in range(1, MAX_ROUNDS + 1):
+        tied = {n.args[0].target for n in ctx.vocab_seeds} & vocab_weights
+        decisions, failures = _propagate(ctx, gm, tied)
+        if not failures:
+            break
+        for f in failures:
+            if f.chunk_factor and all(o in ctx.column_seeds and bumps.get(o, 0) < 3 for o in f.origins) and f.origins:
+                for o in f.origins:
+                    ctx.column_seeds[o] *= f.chunk_factor
+                    bumps[o] = bumps.get(o, 0) + 1
+                continue
+            for o in f.origins:
+                if o in ctx.column_seeds or o in ctx.vocab_seeds:
+                    demoted[o] = f"{f.reason} (at {f.node.name})"
+                ctx.column_seeds.pop(o, None)
+                ctx.vocab_seeds.discard(o)
+    else:
+        raise AssertionError("placement analysis did not converge")  # each round demotes or refines
+
+    if strict and demoted:
+        lines = "\n".join(f"  {n.name}: {why}" for n, why in demoted.items())
+        raise ValueError(f"strict=True and these layers cannot be sharded:\n{lines}")
+
+    analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
+                        set(ctx.vocab_seeds), demoted, rounds)
+    _record_redistributions(analysis)
+    _annotate(analysis)
+    return analysis
+
+
+def _needs_grad(gm: GraphModule) -> set[Node]:
+    """Nodes whose value may require grad in training (derived from a floating parameter)."""
+    out: set[Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if _is_floating(node) and isinstance(_attr(gm, node.target), torch.nn.Parameter):
+                out.add(node)
+        elif node.op == "call_function" and any(x in out for x in node.all_input_nodes):
+            val = node.meta.get("val")
+            if _is_floating(node) or isinstance(val, (list, tuple)):
+                out.add(node)
+    return out
+
+
+def _attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _record_redistributions(a: Analysis) -> None:
+    pl = a.placements
+    a.needs_grad = _needs_grad(a.graph_module)
+    requests: dict[Node, list[tuple[Node, Node, Placement]]] = {}
+    for node, dec in a.decisions.items():
+        out_sharded = isinstance(dec.out, (Shard, Partial)) or (
+            isinstance(dec.out, list) and any(isinstance(p, (Shard, Partial)) for p in dec.out))
+        for x, req in dec.inputs.items():
+            found = param_of(x)
+            if found is not None:
+                base, perm = found
+                base_req = Shard(perm[req.dim], req.chunks) if isinstance(req, Shard) else R
+                requests.setdefault(base, []).append((node, x, base_req, req, out_sharded))
+                continue
+            act = pl.get(x)
+            if act is None:
+                continue
+            _edge(a, x, node, act, req, out_sharded)
+    for base, reqs in requests.items():
+        wanted = {r[2] for r in reqs}
+        if len(wanted) == 1:
+            a.param_placements[base.target] = wanted.pop()
+            if a.param_placements[base.target] == R:
+                for node, x, _, req, out_sharded in reqs:
+                    if out_sharded and _is_floating(x):
+                        a.redistributions.append(Redistribution(x, node, R, R, "copy"))
+            continue
+        # Used both whole and sharded (rare): keep it whole, slice where a shard is wanted.
+        a.param_placements[base.target] = R
+        for node, x, _, req, out_sharded in reqs:
+            _edge(a, x, node, R, req, out_sharded)
+
+
+def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_sharded: bool) -> None:
+    add = lambda frm, to, kind: a.redistributions.append(Redistribution(x, node, frm, to, kind))
+    if act == req:
+        if req == R and out_sharded and _is_floating(x):
+            add(R, R, "copy")
+        return
+    if isinstance(act, Partial):
+        if isinstance(req, Partial):
+            return
+        add(act, R, "all_reduce")
+        if isinstance(req, Shard):
+            add(R, req, "slice")
+        return
+    if isinstance(act, Shard):
+        add(act, R, "all_gather")
+        if isinstance(req, Shard):
+            add(R, req, "slice")
+        return
+    if isinstance(req, Shard):
+        add(R, req, "slice")
+        return
+    raise AssertionError(f"no redistribution from {act} to {req} on {x.name} -> {node.name}")
+
+
+def _annotate(a: Analysis) -> None:
+    for node in a.graph_module.graph.nodes:
+        dec = a.decisions.get(node)
+        meta = {"placement": a.placements.get(node), "why": dec.why if dec else ""}
+        if dec is not None and dec.role:
+            meta["role"] = dec.role
+        if node in a.demoted:
+            meta["demoted"] = a.demoted[node]
+        if node.op == "get_attr" and node.target in a.param_placements:
+            meta["placement"] = a.param_placements[node.target]
+        node.meta["autotp"] = meta

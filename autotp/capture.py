@@ -1,0 +1,140 @@
+"""capture: a model and example inputs -> an ATen-level fx graph with parameter names.
+
+``torch.export.export(..., strict=False)`` traces the model in Python (so
+Hugging Face models work as they are) into a graph of ATen ops; its
+``.module()`` is an fx ``GraphModule`` whose ``get_attr`` nodes carry the
+original parameter names and whose calls keep the model's input and output
+structure (an HF ``ModelOutput`` stays one).
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict):
+    from torch.export import Dim
+
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {i: Dim.AUTO for i in range(min(x.dim(), 2))}
+        if isinstance(x, (list, tuple)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+
+    return spec(args), spec(kwargs)
+
+
+def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None, *,
+            dynamic: bool = False) -> GraphModule:
+    """Capture ``model`` called as ``model(*example_inputs, **example_kwargs)``.
+
+    Args:
+        model: any ``nn.Module``; its parameters may live on the ``meta`` device.
+        example_inputs / example_kwargs: one call's inputs. Under torchrun every rank must pass
+            the same values (seed before making random ones).
+        dynamic: let the first two dims of every tensor input (batch, sequence) vary.
+
+    Returns:
+        The ATen-level ``GraphModule`` (parameters shared with ``model``, not copied).
+
+    Raises:
+        CaptureError naming the failing op / source line and what to try.
+    """
+    example_kwargs = dict(example_kwargs or {})
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    if not example_inputs and not example_kwargs:
+        raise CaptureError("autotp needs example_inputs (and/or example_kwargs) to capture the model")
+    dyn = _signature_dynamic_shapes(model, *_dynamic_shapes(example_inputs, example_kwargs)) if dynamic else None
+    try:
+        ep = torch.export.export(model, example_inputs, kwargs=example_kwargs, strict=False, dynamic_shapes=dyn)
+    except Exception as e:
+        where = _user_frame(e)
+        hint = ("try example_kwargs={'use_cache': False} (Hugging Face caches are not graph inputs)"
+                if "cache" in str(e).lower() or "Cache" in type(e).__name__ else
+                "check that the example inputs are the ones the model is called with; pass keyword "
+                "arguments through example_kwargs (e.g. {'use_cache': False} for Hugging Face models)")
+        raise CaptureError(
+            f"could not capture {type(model).__name__} with torch.export (non-strict): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}\n  what to try: {hint}"
+        ) from e
+    gm = ep.module()
+    del ep
+    _canonicalize_attributes(gm)
+    return gm
+
+
+def _canonicalize_attributes(gm: GraphModule) -> None:
+    """Point every ``get_attr`` of one tensor (tied weights) at one name, and drop unused ones.
+
+    Export may read a tied weight under either name (GPT-2 reads ``lm_head.weight`` for both
+    the token embedding and the LM head); one name per tensor lets the analysis give a tied
+    weight one placement, and dropping unused attributes keeps no full copy of a sharded one.
+    """
+    canonical: dict[int, torch.fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        if not node.users:
+            gm.graph.erase_node(node)
+            continue
+        t = _get(gm, node.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        first = canonical.setdefault(id(t), node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+    drop_unused_attributes(gm)
+    gm.recompile()
+
+
+def _get(mod: nn.Module, target: str):
+    for part in target.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def drop_unused_attributes(gm: GraphModule) -> None:
+    """Delete parameters and buffers no ``get_attr`` node reads (so nothing unused stays resident)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in used:
+            continue
+        *path, leaf = name.split(".")
+        owner = gm
+        for p in path:
+            owner = getattr(owner, p)
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+
+
+def _signature_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    out = {}
+    for name, spec in zip(params, args):
+        out[name] = spec
+    out.update(kwargs)
+    return out
+
+
+def _user_frame(e: BaseException) -> str:
+    """The innermost traceback frame outside torch, as ' (at file:line: code)'."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename}:{f.lineno}: {f.line})"

@@ -1,0 +1,110 @@
+"""Placements: how one logical tensor is laid out over the ranks of a TP group.
+
+The vocabulary is DTensor's -- ``Replicate()``, ``Shard(dim)``, ``Partial()`` --
+with one addition that tensor parallelism over fused projections needs:
+``Shard(dim, chunks=P)``.  A dim of global size ``N`` with ``chunks=P`` is read
+as ``P`` equal chunks, and every rank holds one contiguous block of
+``N / (P * world)`` elements *inside each chunk*::
+
+    N = 12, P = 3, world = 2      [a a b b | c c d d | e e f f]
+    rank 0 holds a a, c c, e e    (chunk-local block 0)
+    rank 1 holds b b, d d, f f    (chunk-local block 1)
+
+That is exactly the layout a fused QKV projection (GPT-2's ``c_attn``, whose
+output is ``[q | k | v]``) must be sharded with so that each rank gets whole
+heads of q, k and v.  Two ``Shard``s of the same global size are the same
+layout iff they have the same ``chunks``.
+
+``Shard(dim)`` with ``chunks=1`` may be *padded*: when ``N % world != 0`` each
+rank holds ``ceil(N / world)`` elements, the tail of the last rank(s) being
+zeros (Megatron's make-vocab-size-divisible-by).  Padding is only legal where
+the zeros are provably inert (a vocab slice, the inner dim of a column->row
+pair); the analysis decides that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "shard_index", "local_size"]
+
+
+class Placement:
+    """Base class of the three placements."""
+
+    def is_replicate(self) -> bool:
+        return isinstance(self, Replicate)
+
+    def is_shard(self, dim: int | None = None) -> bool:
+        return isinstance(self, Shard) and (dim is None or self.dim == dim)
+
+    def is_partial(self) -> bool:
+        return isinstance(self, Partial)
+
+
+@dataclass(frozen=True)
+class Replicate(Placement):
+    """Every rank holds the full tensor."""
+
+    def __repr__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True)
+class Shard(Placement):
+    """Rank ``r`` holds block ``r`` of every one of ``chunks`` chunks of ``dim``."""
+
+    dim: int
+    chunks: int = 1
+
+    def __repr__(self) -> str:
+        return f"S({self.dim})" if self.chunks == 1 else f"S({self.dim},chunks={self.chunks})"
+
+    def with_dim(self, dim: int) -> "Shard":
+        return Shard(dim, self.chunks)
+
+
+@dataclass(frozen=True)
+class Partial(Placement):
+    """Every rank holds a partial sum; the value is the sum over ranks."""
+
+    reduce_op: str = "sum"
+
+    def __repr__(self) -> str:
+        return "P"
+
+
+def local_size(global_size: int, world_size: int, chunks: int = 1) -> int:
+    """Size of a sharded dim on one rank (padded up when chunks == 1)."""
+    if chunks == 1:
+        return math.ceil(global_size / world_size)
+    if global_size % (chunks * world_size):
+        raise ValueError(
+            f"a dim of size {global_size} cannot be split into {chunks} chunks "
+            f"x {world_size} ranks ({global_size} % {chunks * world_size} != 0)"
+        )
+    return global_size // world_size
+
+
+def shard_index(global_size: int, world_size: int, rank: int, chunks: int = 1) -> tuple[torch.Tensor, int]:
+    """Global indices rank ``rank`` holds along a ``Shard(dim, chunks)`` dim.
+
+    Returns ``(index, pad)``: ``index`` is a 1-D LongTensor of global positions in
+    local order, and ``pad`` the number of zero rows to append after them (only
+    for ``chunks == 1`` when ``global_size % world_size != 0``).
+    """
+    if chunks == 1:
+        block = math.ceil(global_size / world_size)
+        start = min(rank * block, global_size)
+        stop = min(start + block, global_size)
+        return torch.arange(start, stop), block - (stop - start)
+    per_chunk = global_size // chunks
+    block = local_size(global_size, world_size, chunks) // chunks
+    base = torch.arange(chunks) * per_chunk + rank * block
+    return (base[:, None] + torch.arange(block)[None, :]).reshape(-1), 0
+
+
+def is_contiguous_block(global_size: int, world_size: int, chunks: int) -> bool:
+    return chunks == 1

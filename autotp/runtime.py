@@ -1,0 +1,243 @@
+"""Autograd-aware collectives and the process-group helpers.
+
+Every collective here is one named forward/backward pair (Megatron's mappings):
+
+=================  =========================  ===============================
+module             forward                    backward
+=================  =========================  ===============================
+``AllReduce``      all-reduce (P -> R)        identity
+``CopyToRegion``   identity                   all-reduce of the gradient
+``AllGather``      all-gather (S -> R)        take the local slice
+``LocalSlice``     take the local slice       all-gather of the gradient
+=================  =========================  ===============================
+
+Each takes an explicit process group and is a no-op at world size 1.  They are
+``nn.Module``s so that a lowered fx graph can call them (``call_module``) and
+carry their group and layout with it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .placements import shard_index
+
+__all__ = [
+    "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding",
+    "init_process_group_from_env", "resolve_group",
+]
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def _gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, group) -> torch.Tensor:
+    """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout."""
+    world = _world(group)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    if chunks == 1:
+        full = torch.cat(parts, dim=dim)
+        return full.narrow(dim, 0, global_size) if full.shape[dim] != global_size else full
+    # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
+    pieces = [p.chunk(chunks, dim=dim) for p in parts]
+    return torch.cat([pieces[r][c] for c in range(chunks) for r in range(world)], dim=dim)
+
+
+def _slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> torch.Tensor:
+    index, pad = shard_index(x.shape[dim], world, rank, chunks)
+    if chunks == 1:
+        out = x.narrow(dim, int(index[0]) if len(index) else 0, len(index))
+    else:
+        out = x.index_select(dim, index.to(x.device))
+    if pad:
+        shape = list(out.shape)
+        shape[dim] = pad
+        out = torch.cat([out, out.new_zeros(shape)], dim=dim)
+    return out
+
+
+class _AllReduceFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _GatherFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, chunks, global_size, group):
+        ctx.args = (dim, chunks, group)
+        return _gather(x, dim, chunks, global_size, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, chunks, group = ctx.args
+        return _slice(grad, dim, chunks, _rank(group), _world(group)), None, None, None, None
+
+
+class _SliceFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, chunks, group):
+        ctx.args = (dim, chunks, x.shape[dim], group)
+        return _slice(x, dim, chunks, _rank(group), _world(group)).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, chunks, size, group = ctx.args
+        return _gather(grad, dim, chunks, size, group), None, None, None
+
+
+class _Collective(nn.Module):
+    def __init__(self, group=None):
+        super().__init__()
+        self.group = group
+
+    @property
+    def world_size(self) -> int:
+        return _world(self.group)
+
+
+class AllReduce(_Collective):
+    """forward: all-reduce (sum) of a partial sum; backward: identity."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        return _AllReduceFn.apply(x, self.group)
+
+
+class CopyToRegion(_Collective):
+    """forward: identity; backward: all-reduce of the gradient.
+
+    Sits where a replicated value enters sharded compute (the input of a
+    column-parallel linear): each rank's gradient is a partial sum.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
+            return x
+        return _CopyFn.apply(x, self.group)
+
+
+class AllGather(_Collective):
+    """forward: all-gather of ``Shard(dim, chunks)`` pieces (trimming padding); backward: local slice."""
+
+    def __init__(self, dim: int, chunks: int, global_size: int, group=None):
+        super().__init__(group)
+        self.dim, self.chunks, self.global_size = dim, chunks, global_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        return _GatherFn.apply(x, self.dim, self.chunks, self.global_size, self.group)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, chunks={self.chunks}, global_size={self.global_size}"
+
+
+class LocalSlice(_Collective):
+    """forward: this rank's ``Shard(dim, chunks)`` slice of a replicated value (no communication);
+    backward: all-gather of the gradient."""
+
+    def __init__(self, dim: int, chunks: int, group=None):
+        super().__init__(group)
+        self.dim, self.chunks = dim, chunks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SliceFn.apply(x, self.dim, self.chunks, self.group)
+        return _slice(x, self.dim, self.chunks, _rank(self.group), self.world_size)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, chunks={self.chunks}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Lookup in this rank's rows ``[start, start + rows)`` of the vocab; other ids give zero rows.
+
+    ``E[ids] = sum_r E_r[ids]`` where ``E_r`` is rank r's row block (zero elsewhere):
+    the output is a partial sum, made whole by one all-reduce.
+    """
+
+    def __init__(self, start: int, rows: int, padding_idx: int = -1):
+        super().__init__()
+        self.start, self.rows, self.padding_idx = start, rows, padding_idx
+
+    def forward(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        local = local.masked_fill(outside, 0)
+        pad = self.padding_idx - self.start if 0 <= self.padding_idx - self.start < self.rows else -1
+        out = torch.ops.aten.embedding(weight, local, pad)
+        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+    def extra_repr(self) -> str:
+        return f"rows=[{self.start}, {self.start + self.rows})"
+
+
+def init_process_group_from_env(world_size: int | None) -> None:
+    """Initialize the default group from torchrun's environment if none exists.
+
+    Raises a clear error when ``world_size`` disagrees with the launcher.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if world_size in (None, 1):
+            return
+        raise RuntimeError(
+            f"autotp.shard(world_size={world_size}) needs torch.distributed: launch with "
+            f"`torchrun --nproc_per_node {world_size} script.py`, call "
+            "torch.distributed.init_process_group() first, or use autotp.parallelize() from one process"
+        )
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("AUTOTP_BACKEND") != "gloo" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+
+
+def resolve_group(world_size: int | None, group=None):
+    """Return ``(group, world_size, rank)``, checking ``world_size`` against the group."""
+    if world_size is not None and world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    init_process_group_from_env(world_size)
+    if not dist.is_initialized():
+        return group, 1, 0
+    actual = dist.get_world_size(group)
+    if world_size is not None and world_size != actual:
+        raise ValueError(
+            f"world_size ({world_size}) disagrees with the process group, which has {actual} ranks; "
+            f"launch with --nproc_per_node {world_size} or pass world_size={actual}"
+        )
+    return group, actual, dist.get_rank(group)

@@ -1,0 +1,30 @@
+"""Pass plumbing: the result type and a runner whose errors name the pass."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from torch.fx import GraphModule
+
+
+class PassResult(NamedTuple):
+    graph_module: GraphModule
+    modified: bool
+
+
+class PassError(RuntimeError):
+    pass
+
+
+def run_passes(gm: GraphModule, passes: list[Callable[..., PassResult]], **kwargs) -> GraphModule:
+    """Run ``passes`` in order; a failure names the pass, the passes before it, and chains the cause."""
+    done: list[str] = []
+    for p in passes:
+        try:
+            gm = p(gm, **kwargs).graph_module
+        except Exception as e:  # re-raised with context
+            raise PassError(f"autotp pass {p.__name__} failed (after {done or 'no passes'}): {e}") from e
+        done.append(p.__name__)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,54 @@
+"""Run a function on N gloo ranks with torch.multiprocessing, collecting each rank's return value.
+
+Ranks are spawned processes with ``OMP_NUM_THREADS=1``; a rank that raises makes
+``run_ranks`` raise with that rank's traceback (no hang: the others are killed).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world, fn, args, init_file, out_dir):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        dist.barrier()
+        payload = ("ok", result)
+    except BaseException as e:  # reported to the parent
+        payload = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(payload, f)
+    if payload[0] == "error":
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args) -> list:
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        try:
+            mp.spawn(_entry, args=(world_size, fn, args, init_file, tmp), nprocs=world_size, join=True)
+        except Exception as spawn_error:
+            errors = []
+            for r in range(world_size):
+                p = os.path.join(tmp, f"rank{r}.pkl")
+                if os.path.exists(p):
+                    with open(p, "rb") as f:
+                        status, val = pickle.load(f)
+                    if status == "error":
+                        errors.append(val)
+            raise RuntimeError("\n".join(errors) or str(spawn_error)) from None
+        results = []
+        for r in range(world_size):
+            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
+                results.append(pickle.load(f)[1])
+        return results
