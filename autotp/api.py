@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 import autotp.passes as P
 
 from .analyze import Analysis, analyze
-from .capture import capture
+from .capture import capture, drop_unused_attributes
 from .plan import Plan, build_plan
 from .runtime import resolve_group
 
@@ -138,6 +138,7 @@ def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tu
     ctx = dict(analysis=analysis, rank=rank, world_size=world, group=group, load=load)
     gm = P.run_passes(gm, [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
                            P.lower_vocab_embedding, P.shard_parameters], **ctx)
+    drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident
     timings["lower_s"] = time.perf_counter() - t0
     return ShardedModule(gm, the_plan, analysis, rank=rank, world_size=world, group=group, config=config,
                          timings=timings)

@@ -257,9 +257,10 @@ def reshape_shard(src: tuple[int, ...], dst: tuple[int, ...], p: Shard, world: i
             elif hint is None and dst[j] % world == 0 and j != gj[-1]:
                 hint = a // math.gcd(a, flat_chunks)  # e.g. (3*H*D) -> (3, H, D): chunk by the leading 3
             a *= dst[j]
+        lead = next((dst[j] for j in gj if dst[j] > 1), src[p.dim])
         raise Unsupported(
-            f"reshape {list(src)} -> {list(dst)} splits the sharded dim {p.dim} (size {src[p.dim]}) into "
-            f"pieces not divisible by world_size ({world})",
+            f"num_heads ({lead}) is not divisible by world_size ({world}): reshape {list(src)} -> {list(dst)} "
+            f"splits the sharded dim {p.dim} (size {src[p.dim]}) into {lead} pieces",
             chunk_factor=hint,
         )
     raise AssertionError("sharded dim not found in reshape groups")

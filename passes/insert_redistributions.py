@@ -35,7 +35,7 @@ def insert_redistributions(gm: GraphModule, *, analysis, group, **_) -> PassResu
     chains: dict[tuple[Node, Node], list] = defaultdict(list)
     for red in analysis.redistributions:
         chains[(red.src, red.consumer)].append(red)
-    first_compute = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     cache: dict[tuple, Node] = {}
     for (src, consumer), chain in chains.items():
         cur, key = src, (src,)
@@ -44,8 +44,8 @@ def insert_redistributions(gm: GraphModule, *, analysis, group, **_) -> PassResu
             if key not in cache:
                 name = f"autotp_{red.kind}_{len(cache)}"
                 gm.add_submodule(name, _module(red, cur if red.kind != "all_gather" else src, group))
-                where = gm.graph.inserting_before(first_compute) if cur.op == "placeholder" else gm.graph.inserting_after(cur)
-                with where:
+                # after every placeholder: inputs must stay the graph's leading nodes
+                with gm.graph.inserting_after(last_input if cur.op == "placeholder" else cur):
                     new = gm.graph.call_module(name, (cur,))
                 new.meta["val"] = src.meta.get("val")
                 new.meta["autotp"] = {"placement": red.to, "why": f"{red.kind}: {red.frm} -> {red.to}"}

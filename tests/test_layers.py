@@ -278,17 +278,19 @@ def _l7_case(rank, world):
     """Head-sharded attention: loss, input grad, weight grads; one all-reduce each way."""
     build, expected = CASES["L7"]
     ref, (x, mask) = build(world)
-    weight = torch.randn(x.shape)
+    # loss = sum(y * weight), weight ~ N(0, 1/numel): the loss is O(1) like a real loss, so its
+    # fp32 rounding (~1e-7) stays well inside the 5e-6 bound while dL/dx is still O(1/sqrt(numel))
+    weight = torch.randn(x.shape) / x.numel() ** 0.5
     sm = _shard(ref, (x, mask), world)
     local = dict(sm.module.named_parameters())
 
     xs = x.detach().clone().requires_grad_()
     with CommDebugMode() as comm_fwd:
         out = sm(xs, mask)
-    loss = (out * weight).mean()
+    loss = (out * weight).sum()
     with CommDebugMode() as comm_bwd:
         loss.backward()
-    ref_loss = (ref(x, mask) * weight).mean()
+    ref_loss = (ref(x, mask) * weight).sum()
     ref_loss.backward()
     ref_params = dict(ref.named_parameters())
     return {

@@ -1,0 +1,156 @@
+"""Single-process tests of the analysis: placement rules, plans, errors. No ranks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import autotp
+from autotp.placements import Shard, shard_index
+from autotp.rules import Unsupported, reshape_shard
+
+
+def test_reshape_splits_projection_into_whole_heads():
+    # (B, S, 768) -> (B, S, 12, 64): the shard lands on the heads dim
+    assert reshape_shard((2, 8, 768), (2, 8, 12, 64), Shard(2), 2) == Shard(2)
+    # and back
+    assert reshape_shard((2, 8, 12, 64), (2, 8, 768), Shard(2), 2) == Shard(2)
+
+
+def test_reshape_of_fused_qkv_needs_chunks():
+    # [q|k|v] viewed as (3, H, D) with a contiguous shard would give rank 0 all of q
+    with pytest.raises(Unsupported) as e:
+        reshape_shard((2, 8, 3 * 64), (2, 8, 3, 4, 16), Shard(2), 2)
+    assert e.value.chunk_factor == 3
+    assert reshape_shard((2, 8, 3 * 64), (2, 8, 3, 4, 16), Shard(2, chunks=3), 2) == Shard(3)
+
+
+def test_reshape_heads_not_divisible_names_the_numbers():
+    with pytest.raises(Unsupported, match=r"num_heads \(6\) is not divisible by world_size \(4\)"):
+        reshape_shard((2, 8, 384), (2, 8, 6, 64), Shard(2), 4)
+
+
+def test_chunked_shard_index():
+    idx, pad = shard_index(12, 2, 1, chunks=3)
+    assert idx.tolist() == [2, 3, 6, 7, 10, 11] and pad == 0
+    idx, pad = shard_index(99, 4, 3)  # padded vocab: 25 rows per rank, the last has 24 real ones
+    assert idx.tolist() == list(range(75, 99)) and pad == 1
+
+
+def _mlp(names=("fc1", "fc2")):
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, names[0], nn.Linear(16, 64))
+            setattr(self, names[1], nn.Linear(64, 16))
+
+        def forward(self, x):
+            return getattr(self, names[1])(torch.relu(getattr(self, names[0])(x)))
+
+    return MLP()
+
+
+def test_mlp_plan_column_then_row():
+    p = autotp.plan(_mlp(), 2, (torch.randn(4, 16),))
+    assert p.parameters["fc1.weight"]["placement"] == "S(0)"
+    assert p.parameters["fc1.bias"]["placement"] == "S(0)"
+    assert p.parameters["fc2.weight"]["placement"] == "S(1)"
+    assert p.parameters["fc2.bias"]["placement"] == "R"
+    assert p.counts("forward") == {"all_reduce": 1}
+    data = json.loads(p.to_json())
+    assert data["parameters"]["fc1.weight"]["local_shape"] == [32, 16]
+    assert data["collectives"][0] == {"op": "all_reduce", "phase": "forward", "shape": [4, 16], "dtype": "float32",
+                                      "bytes": 4 * 16 * 4, "at": data["collectives"][0]["at"],
+                                      "why": "P -> R (row-parallel output, before its bias)"}
+    # two 64x16 weights and a 64 bias sharded over 2 ranks, plus the replicated 16 bias; fp32
+    assert data["memory"]["param_bytes_per_rank"] == 4 * ((2 * 64 * 16 + 64) // 2 + 16)
+    assert data["memory"]["param_bytes_total"] == 4 * (2 * 64 * 16 + 64 + 16)
+
+
+def test_renamed_modules_shard_the_same():
+    a = autotp.plan(_mlp(("fc1", "fc2")), 2, (torch.randn(4, 16),))
+    b = autotp.plan(_mlp(("zebra", "apple")), 2, (torch.randn(4, 16),))
+    assert [p["placement"] for p in a.parameters.values()] == [p["placement"] for p in b.parameters.values()]
+
+
+def test_mlp_feeding_layer_norm_stays_replicated():
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.LayerNorm(64))
+    p = autotp.plan(model, 2, (torch.randn(4, 16),))
+    assert p.parameters["0.weight"]["placement"] == "R"
+    assert "layer_norm over the sharded dim" in p.replicated["0.weight"]
+    assert p.counts("forward") == {}
+
+
+class Attention(nn.Module):
+    def __init__(self, heads: int, head_dim: int = 8):
+        super().__init__()
+        self.h, self.d = heads, head_dim
+        e = heads * head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(e, e) for _ in range(4))
+
+    def forward(self, x):
+        b, s, e = x.shape
+        q, k, v = (m(x).view(b, s, self.h, self.d).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, e))
+
+
+def test_heads_not_divisible_replicates_and_says_so():
+    p = autotp.plan(Attention(6), 4, (torch.randn(2, 5, 48),))
+    assert all(v["placement"] == "R" for v in p.parameters.values())
+    assert any("num_heads (6) is not divisible by world_size (4)" in why for why in p.replicated.values())
+    with pytest.raises(ValueError, match=r"num_heads \(6\) is not divisible by world_size \(4\)"):
+        autotp.plan(Attention(6), 4, (torch.randn(2, 5, 48),), config=autotp.ShardConfig(strict=True))
+
+
+def test_attention_sharded_by_heads():
+    p = autotp.plan(Attention(4), 2, (torch.randn(2, 5, 32),))
+    assert [p.parameters[f"{n}.weight"]["placement"] for n in "qkvo"] == ["S(0)", "S(0)", "S(0)", "S(1)"]
+    assert p.counts("forward") == {"all_reduce": 1}
+    assert p.counts("backward") == {}  # the input needs no grad, so its gradient is never reduced
+
+
+def test_gpt2_fused_qkv_is_chunked_by_three():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_positions=32, vocab_size=100)).eval()
+    p = autotp.plan(model, 2, (torch.randint(0, 100, (1, 8)),), {"use_cache": False})
+    assert p.parameters["transformer.h.0.attn.c_attn.weight"]["placement"] == "S(1,chunks=3)"
+    assert p.parameters["transformer.h.0.attn.c_proj.weight"]["placement"] == "S(0)"
+    assert p.parameters["lm_head.weight"]["local_shape"] == [50, 64]  # tied, vocab-parallel
+    assert "transformer.wte.weight" not in p.parameters  # one name per tied tensor
+    assert p.counts("forward") == {"all_reduce": 3, "all_gather": 1}
+    # the inputs of c_attn (q, k, v at once), c_fc and the LM head: one gradient all-reduce each
+    assert p.counts("backward") == {"all_reduce": 3}
+
+
+def test_capture_error_says_what_to_try():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.lin(x)
+            return x
+
+    with pytest.raises(autotp.CaptureError, match="what to try") as e:
+        autotp.plan(Branchy(), 2, (torch.randn(2, 4),))
+    assert "Branchy" in str(e.value)
+
+
+def test_shard_without_ranks_says_how_to_launch(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node 2"):
+        autotp.shard(_mlp(), 2, example_inputs=(torch.randn(4, 16),))
+
+
+def test_world_size_one_runs_unsharded_graph():
+    model = _mlp()
+    x = torch.randn(4, 16)
+    sharded = autotp.shard(model, 1, example_inputs=(x,))
+    torch.testing.assert_close(sharded(x), model(x), rtol=0, atol=0)
