@@ -88,7 +88,17 @@ class ShardedModule(nn.Module):
         if not self._inputs_checked:
             check_same_inputs(args, kwargs, self.group)
             self._inputs_checked = True
-        return self.module(*args, **kwargs)
+        try:
+            return self.module(*args, **kwargs)
+        except (RuntimeError, AssertionError) as e:  # export's shape guard raises either, by version
+            if "Guard failed" not in str(e):
+                raise
+            shapes = [tuple(x.shape) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            raise ValueError(
+                f"the sharded module was captured for other input shapes ({e}); got tensor inputs of shapes "
+                f"{shapes}. Pass dynamic=True to autotp.shard to accept other batch sizes and sequence lengths, "
+                "or shard with example inputs of this shape"
+            ) from e
 
 
 def check_same_inputs(args, kwargs, group) -> None:

@@ -57,3 +57,38 @@ def _wrong_world_size(rank, world):
 def test_world_size_disagreeing_with_group_is_an_error():
     for msg in run_ranks(_wrong_world_size, 2):
         assert "world_size (4) disagrees with the process group, which has 2 ranks" in msg
+
+
+def _dynamic_shapes(rank, world):
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import autotp
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=128, num_hidden_layers=2, vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    kw = {"use_cache": False}
+    errs = []
+    dyn = autotp.shard(model, world, example_inputs=(ids,), example_kwargs=kw, dynamic=True)
+    static = autotp.shard(model, world, example_inputs=(ids,), example_kwargs=kw)
+    with torch.no_grad():
+        for b, s in [(2, 8), (3, 5), (1, 17)]:
+            x = torch.randint(0, 128, (b, s))
+            errs.append((dyn(x, **kw).logits - model(x, **kw).logits).abs().max().item())
+        static(ids, **kw)
+        try:
+            static(torch.randint(0, 128, (3, 8)), **kw)
+            msg = "no error"
+        except ValueError as e:
+            msg = str(e)
+    return errs, msg
+
+
+def test_dynamic_batch_and_sequence():
+    for errs, msg in run_ranks(_dynamic_shapes, 2):
+        assert max(errs) <= 1e-5, errs
+        assert "Pass dynamic=True" in msg and "(3, 8)" in msg
