@@ -24,13 +24,13 @@ lowering must insert -- the same list the plan reports.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
+from .capture import get_attr
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, is_tensor_node, param_of, rule_for, tensor_inputs
 
@@ -158,7 +158,7 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
 def analyze(gm: GraphModule, world_size: int, *, column_seeds: list[Node], vocab_seeds: list[Node],
             strict: bool = False) -> Analysis:
     """Run the fixpoint and record redistributions. See the module docstring."""
-    ctx = Ctx(world_size, {}, {})
+    ctx = Ctx(world_size, {})
     ctx.column_seeds = {s: 1 for s in column_seeds}
     ctx.vocab_seeds = set(vocab_seeds)
     vocab_weights = {n.args[0].target for n in vocab_seeds}
@@ -200,20 +200,13 @@ def _needs_grad(gm: GraphModule) -> set[Node]:
     out: set[Node] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            if _is_floating(node) and isinstance(_attr(gm, node.target), torch.nn.Parameter):
+            if _is_floating(node) and isinstance(get_attr(gm, node.target), torch.nn.Parameter):
                 out.add(node)
         elif node.op == "call_function" and any(x in out for x in node.all_input_nodes):
             val = node.meta.get("val")
             if _is_floating(node) or isinstance(val, (list, tuple)):
                 out.add(node)
     return out
-
-
-def _attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _record_redistributions(a: Analysis) -> None:

@@ -9,7 +9,6 @@ structure (an HF ``ModelOutput`` stays one).
 from __future__ import annotations
 
 import traceback
-from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +88,7 @@ def _canonicalize_attributes(gm: GraphModule) -> None:
         if not node.users:
             gm.graph.erase_node(node)
             continue
-        t = _get(gm, node.target)
+        t = get_attr(gm, node.target)
         if not isinstance(t, torch.Tensor):
             continue
         first = canonical.setdefault(id(t), node)
@@ -100,7 +99,7 @@ def _canonicalize_attributes(gm: GraphModule) -> None:
     gm.recompile()
 
 
-def _get(mod: nn.Module, target: str):
+def get_attr(mod: nn.Module, target: str):
     for part in target.split("."):
         mod = getattr(mod, part)
     return mod

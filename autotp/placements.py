@@ -105,6 +105,3 @@ def shard_index(global_size: int, world_size: int, rank: int, chunks: int = 1) -
     base = torch.arange(chunks) * per_chunk + rank * block
     return (base[:, None] + torch.arange(block)[None, :]).reshape(-1), 0
 
-
-def is_contiguous_block(global_size: int, world_size: int, chunks: int) -> bool:
-    return chunks == 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .placements import Partial, Replicate, Shard, local_size
+from .placements import Replicate, Shard, local_size
 from .rules import linear_weight
 
 

@@ -62,10 +62,9 @@ class Decision:
 class Ctx:
     """What a rule may ask about the graph being analyzed."""
 
-    def __init__(self, world_size: int, placements: dict[Node, Any], params: dict[str, torch.Tensor]):
+    def __init__(self, world_size: int, placements: dict[Node, Any]):
         self.world_size = world_size
         self.placements = placements
-        self.params = params
         self.column_seeds: dict[Node, int] = {}  # active column seeds -> chunks
         self.vocab_seeds: set[Node] = set()
         self.reduced: set[Node] = set()  # partial sums with several users: all-reduced once, at the source
@@ -141,12 +140,6 @@ def rule_replicated(ctx: Ctx, node: Node) -> Decision:
             raise Unsupported(f"no placement rule for {node.target} on a sharded input")
         ins[x] = R
     return Decision(R, ins, why="replicated (no sharded input)")
-
-
-def _all_replicated(ctx: Ctx, node: Node) -> Decision | None:
-    if all(ctx.pl(x) in (None, R) for x in tensor_inputs(node)):
-        return Decision(R, {x: R for x in tensor_inputs(node) if ctx.pl(x) is not None}, why="replicated")
-    return None
 
 
 # --------------------------------------------------------------------------- pointwise

@@ -39,15 +39,11 @@ def slice_tensor(t: torch.Tensor, dim: int, index: torch.Tensor, pad: int) -> to
 
 def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, load=None, **_) -> PassResult:
     modified = False
-    done: dict[int, torch.Tensor] = {}  # tied tensors stay tied
     for target, pl in analysis.param_placements.items():
         if not isinstance(pl, Shard):
             continue
         mod, leaf = _owner(gm, target)
         full = getattr(mod, leaf)
-        if id(full) in done:
-            setattr(mod, leaf, done[id(full)])
-            continue
         index, pad = shard_index(full.shape[pl.dim], world_size, rank, pl.chunks)
         if load is not None:
             local = load(target, pl.dim, index, pad)
@@ -66,6 +62,5 @@ def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, l
             mod._buffers[leaf] = local
         else:
             setattr(mod, leaf, local)
-        done[id(full)] = local
         modified = True
     return PassResult(gm, modified)
