@@ -371,28 +371,12 @@ def ranks(world):
     return _CACHE[world]
 
 
-class NodeOrderBug(RuntimeError):
-    """autotp bug: insert_redistributions puts a CopyToRegion before its placeholder (see xfail reason)."""
-
-
-NODE_ORDER_REASON = (
-    "autotp bug: passes/insert_redistributions.py inserts the CopyToRegion of a graph input 'before the first "
-    "non-placeholder node', but torch.export's .module() (torch 2.13) emits get_attr nodes before the "
-    "placeholders, so the copy lands before its input and lint() fails ('Argument input_1 of Node "
-    "autotp_copy_0 was used before it has been defined'). Any model whose first linear reads a user input "
-    "cannot be sharded."
-)
-node_order_xfail = pytest.mark.xfail(raises=NodeOrderBug, strict=True, reason=NODE_ORDER_REASON)
-
-
 def case_results(ranks, name) -> list[dict]:
     """One case's results on every rank; re-raise a case that failed inside the ranks."""
     out = []
     for rank, res in enumerate(ranks):
         r = res[name]
         if "error" in r:
-            if "was used before it has been defined" in r["error"]:
-                raise NodeOrderBug(f"{name} rank {rank}: {r['error']}")
             raise AssertionError(f"{name} failed on rank {rank}:\n{r['error']}")
         out.append(r)
     return out
@@ -430,7 +414,6 @@ def test_plan_placements_and_collectives(name, tp):
 MLP = pytest.mark.parametrize("name", ["L1", "L2"])
 
 
-@node_order_xfail
 @MLP
 def test_mlp_output(ranks, name):
     for rank, r in enumerate(case_results(ranks, name)):
@@ -438,7 +421,6 @@ def test_mlp_output(ranks, name):
         assert_close(r["output"], f"{name} rank {rank} output")
 
 
-@node_order_xfail
 @MLP
 def test_mlp_sharded_grads(ranks, world, name):
     d_hidden = {"L1": 16, "L2": 64}[name]
@@ -449,7 +431,6 @@ def test_mlp_sharded_grads(ranks, world, name):
             assert_close(check, f"{name} rank {rank} grad of {param}")
 
 
-@node_order_xfail
 @MLP
 def test_mlp_sgd_step(ranks, name):
     for rank, r in enumerate(case_results(ranks, name)):
@@ -457,7 +438,6 @@ def test_mlp_sgd_step(ranks, name):
             assert_close(check, f"{name} rank {rank} {param} after SGD(lr=0.25)")
 
 
-@node_order_xfail
 @MLP
 def test_mlp_one_all_reduce_forward_backward(ranks, name):
     for r in case_results(ranks, name):
@@ -465,7 +445,6 @@ def test_mlp_one_all_reduce_forward_backward(ranks, name):
         assert r["comm_forward_backward"] == ALL_REDUCE_ONCE  # input needs no grad: backward is local
 
 
-@node_order_xfail
 def test_l2_gelu_runs_on_shard(ranks, world):
     for r in case_results(ranks, "L2"):
         assert r["num_linears"] == 2
@@ -476,7 +455,6 @@ def test_l2_gelu_runs_on_shard(ranks, world):
 
 # --------------------------------------------------------------------------- L3: analytic linear grads
 
-@node_order_xfail
 def test_l3_linear_grads(ranks):
     for rank, r in enumerate(case_results(ranks, "L3")):
         assert r["output_err"] < 1e-6, rank
@@ -485,7 +463,6 @@ def test_l3_linear_grads(ranks):
         assert r["input_grad_err"] < 1e-6, f"rank {rank} dL/dX: {r['input_grad_err']:.3g}"
 
 
-@node_order_xfail
 def test_l3_input_grad_all_reduce(ranks):
     # forward: the row output's all-reduce; backward: the all-reduce of dL/dX's partial sums
     for r in case_results(ranks, "L3"):
@@ -506,7 +483,6 @@ def test_l4_vocab_embedding(ranks, world):
 
 # --------------------------------------------------------------------------- L7: head-sharded attention
 
-@node_order_xfail
 def test_l7_attention_loss_and_grads(ranks, world):
     for rank, r in enumerate(case_results(ranks, "L7")):
         assert r["local_shapes"]["q.weight"] == [3 * 7, 12]  # 3 whole heads per rank
@@ -517,7 +493,6 @@ def test_l7_attention_loss_and_grads(ranks, world):
             assert err < 5e-6, f"rank {rank} dL/d{param}: {err:.3g}"
 
 
-@node_order_xfail
 def test_l7_attention_collectives(ranks):
     for r in case_results(ranks, "L7"):
         assert r["comm_forward"] == ALL_REDUCE_ONCE
@@ -527,7 +502,6 @@ def test_l7_attention_collectives(ranks):
 
 # --------------------------------------------------------------------------- L8: shard / unshard round trip
 
-@node_order_xfail
 def test_l8_round_trip(ranks, world):
     for rank, r in enumerate(case_results(ranks, "L8")):
         assert r["equal_after_gather"] == dict.fromkeys(MLP_PLACEMENTS, True), rank
