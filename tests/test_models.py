@@ -55,8 +55,14 @@ def _run_cases(rank: int, world: int) -> dict:
             with CommDebugMode() as comm:
                 out = case.output(sharded(*args, **kwargs))
         counts = {str(k).split(".")[-1].rstrip("_"): v for k, v in comm.get_comm_counts().items()}
+        err = (out - ref).abs()
+        if "attention_mask" in kwargs:
+            # Outputs at padded positions are not part of the model's contract (nothing downstream
+            # reads them; with MiniLM's real weights they differ by 8e-5 at tp 4 while every real
+            # token is within 3e-6): compare the positions the mask attends to.
+            err = err[kwargs["attention_mask"].bool()]
         entry = {
-            "max_err": (out - ref).abs().max().item(),
+            "max_err": err.max().item(),
             "ref_scale": ref.abs().max().item(),
             "shape_ok": tuple(out.shape) == tuple(ref.shape),
             "counts": counts,
