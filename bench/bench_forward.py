@@ -38,7 +38,6 @@ Only rank 0 prints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import gc
@@ -49,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -79,7 +79,9 @@ def parse_args():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", type=str, default="1,8", help="comma-separated batch sizes")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls per peer and shape before timing (the first is also the correctness check)")
+    p.add_argument("--time-dynamic", action="store_true", help="also time the dynamic=True autotp shard")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (all peers)")
     p.add_argument("--models", type=str, default="gpt2,llama", help="comma-separated: gpt2, llama")
     p.add_argument("--peers", type=str, default="unsharded,autotp,autotp-dynamic,dtensor,hf",
@@ -199,20 +201,7 @@ def dtensor_llama(ref, world, mesh):
     return parallelize_module(m, mesh, plan).eval()
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-def time_forward(fn, x, a):
-    with torch.no_grad():
-        for _ in range(a.warmup):
-            fn(x)
-        ts = []
-        for _ in range(a.iters):
-            dist.barrier()  # start every call together (outside the timed region)
-            t0 = time.perf_counter()
-            fn(x)
-            ts.append(time.perf_counter() - t0)
-    return ts
+# ----------------------------------------------------------------------------- harness
 
 
 def max_over_ranks(v: float) -> float:
@@ -232,40 +221,85 @@ def short_err(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
 
 
-class Row:
-    def __init__(self, model, peer):
-        self.model, self.peer = model, peer
+def local_param_mb(module) -> float:
+    from torch.distributed.tensor import DTensor
+
+    seen, n = set(), 0
+    for p in list(module.parameters()) + list(module.buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        t = p.to_local() if isinstance(p, DTensor) else p
+        n += t.numel() * t.element_size()
+    return n / 2**20
+
+
+class Peer:
+    """One row: a model variant with one callable per batch size."""
+
+    def __init__(self, model, name, timed=True):
+        self.model, self.name, self.timed = model, name, timed
+        self.fns = {}  # batch -> callable(ids)
         self.times = {}  # batch -> list of seconds
         self.diff = None
         self.error = None
         self.note = ""
+        self.mb = None
 
 
-def run_peer(row, fn_for_batch, inputs, refs, a):
-    """fn_for_batch(batch) -> callable(ids) -> output. Errors are caught and agreed between ranks."""
+def guarded(peer, what, fn):
+    """Run fn() on every rank; if it raises on any rank, mark the peer failed on all ranks."""
     err = None
     try:
-        diffs = []
-        for b, x in inputs.items():
-            f = fn_for_batch(b)
-            with torch.no_grad():
-                out = logits_of(f(x))
-            if refs is not None:
-                diffs.append((out.float() - refs[b]).abs().max().item())
-            row.times[b] = time_forward(f, x, a)
-        if refs is not None:
-            row.diff = max(diffs)
+        fn()
     except Exception as e:  # noqa: BLE001 - reported in the table
         err = e
         if RANK == 0:
+            print(f"--- {peer.model} / {peer.name}: {what} failed:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
-    ok = all_ok(err is None)
-    if not ok:
-        row.error = short_err(err) if err is not None else "failed on another rank"
-        row.times = {}
-    elif row.diff is not None:
-        row.diff = max_over_ranks(row.diff)
-    return row
+    if not all_ok(err is None):
+        peer.error = f"{what}: " + (short_err(err) if err is not None else "failed on another rank")
+        peer.fns = {}
+        return False
+    return True
+
+
+def warm_and_check(peer, inputs, refs, a):
+    """Warm-up calls; the first one's logits are compared with the unsharded model's."""
+    diffs = []
+
+    def go():
+        with torch.no_grad():
+            for b, x in inputs.items():
+                for i in range(max(1, a.warmup)):
+                    out = peer.fns[b](x)
+                    if i == 0:
+                        lg = logits_of(out).float()
+                        if refs is None or b not in refs:
+                            refs[b] = lg
+                        else:
+                            diffs.append((lg - refs[b]).abs().max().item())
+                    del out
+
+    if guarded(peer, "run", go) and diffs:
+        peer.diff = max_over_ranks(max(diffs))
+
+
+def time_round_robin(peers, inputs, a):
+    """iters rounds; in each round every peer runs each batch once (order rotated per round),
+    so load from other processes hits all peers alike."""
+    live = [p for p in peers if p.timed and not p.error]
+    for p in live:
+        p.times = {b: [] for b in inputs}
+    with torch.no_grad():
+        for it in range(a.iters):
+            order = live[it % len(live):] + live[:it % len(live)] if live else []
+            for b, x in inputs.items():
+                for p in order:
+                    dist.barrier()  # start every call together (outside the timed region)
+                    t0 = time.perf_counter()
+                    p.fns[b](x)
+                    p.times[b].append(time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- peers
@@ -277,111 +311,113 @@ def bench_group(kind, a, compile_rows, mesh):
     desc = describe(kind, ref, a)
     torch.manual_seed(0)  # same inputs on every rank
     inputs = {b: torch.randint(0, a.vocab, (b, a.seq)) for b in a.batches}
-    refs = {}
-    with torch.no_grad():
-        for b, x in inputs.items():
-            refs[b] = ref(x, use_cache=False).logits.float()
     kw = {"use_cache": False}
-    rows = []
+    refs = {}
+    peers = []
 
-    if "unsharded" in a.peers:
-        progress(f"[{kind}] unsharded")
-        r = Row(kind, "unsharded (1 rank, each rank concurrently)")
-        rows.append(run_peer(r, lambda b: (lambda x: ref(x, **kw)), inputs, None, a))
+    def call(m):
+        return lambda x: m(x, **kw)
+
+    # unsharded: its first warm-up call gives the reference logits
+    un = Peer(kind, "unsharded (1 rank, each rank concurrently)", timed="unsharded" in a.peers)
+    un.fns = {b: call(ref) for b in inputs}
+    un.mb = local_param_mb(ref)
+    progress(f"[{kind}] unsharded reference")
+    warm_and_check(un, inputs, refs, a)
+    if un.error:
+        raise RuntimeError(f"unsharded {kind} failed: {un.error}")
+    if un.timed:
+        peers.append(un)
 
     if "autotp" in a.peers:
-        progress(f"[{kind}] autotp static")
-        r = Row(kind, f"autotp (world {WORLD}, static shard/shape)")
-        shards = {}
+        p = Peer(kind, f"autotp (world {WORLD}, static shard per shape)")
+        progress(f"[{kind}] autotp static shard")
 
-        def autotp_static(b):
-            if b not in shards:
+        def build():
+            for b, x in inputs.items():
                 dist.barrier()
                 t0 = time.perf_counter()
-                s = autotp.shard(ref, world_size=WORLD, example_inputs=(inputs[b],), example_kwargs=kw)
+                s = autotp.shard(ref, world_size=WORLD, example_inputs=(x,), example_kwargs=kw)
                 wall = max_over_ranks(time.perf_counter() - t0)
                 compile_rows.append((kind, f"{b}x{a.seq}", "static", wall, dict(s.timings)))
-                shards.clear()  # keep one shard in memory at a time
-                shards[b] = s
-            s = shards[b]
-            return lambda x: s(x, **kw)
+                p.fns[b] = call(s)
+                p.mb = local_param_mb(s)
+                p.note = "fwd collectives: " + ", ".join(f"{k} x{v}" for k, v in s.plan.counts("forward").items())
 
-        rows.append(run_peer(r, autotp_static, inputs, refs, a))
-        if not r.error and shards:
-            s = next(iter(shards.values()))
-            r.note = "fwd collectives " + ", ".join(f"{k} x{v}" for k, v in s.plan.counts("forward").items())
-        shards.clear()
-        gc.collect()
+        if guarded(p, "autotp.shard", build):
+            warm_and_check(p, inputs, refs, a)
+        peers.append(p)
 
     if "autotp-dynamic" in a.peers:
-        progress(f"[{kind}] autotp dynamic")
-        r = Row(kind, f"autotp (world {WORLD}, dynamic=True)")
-        holder = {}
-        bmax = max(a.batches)  # a batch-1 example specializes the batch dim to 1; capture with the largest
+        p = Peer(kind, f"autotp (world {WORLD}, dynamic=True, one shard)", timed=a.time_dynamic)
+        progress(f"[{kind}] autotp dynamic shard")
+        bmax = max(inputs)  # a batch-1 example lets export specialize the batch dim to 1
 
-        def autotp_dynamic(b):
-            if "s" not in holder:
-                dist.barrier()
-                t0 = time.perf_counter()
-                holder["s"] = autotp.shard(ref, world_size=WORLD, example_inputs=(inputs[bmax],), example_kwargs=kw,
-                                           dynamic=True)
-                wall = max_over_ranks(time.perf_counter() - t0)
-                compile_rows.append((kind, f"{bmax}x{a.seq}", "dynamic", wall, dict(holder["s"].timings)))
-            s = holder["s"]
-            return lambda x: s(x, **kw)
+        def build_dyn():
+            dist.barrier()
+            t0 = time.perf_counter()
+            s = autotp.shard(ref, world_size=WORLD, example_inputs=(inputs[bmax],), example_kwargs=kw, dynamic=True)
+            wall = max_over_ranks(time.perf_counter() - t0)
+            compile_rows.append((kind, f"{bmax}x{a.seq}", "dynamic", wall, dict(s.timings)))
+            p.fns = {b: call(s) for b in inputs}
+            p.mb = local_param_mb(s)
 
-        rows.append(run_peer(r, autotp_dynamic, inputs, refs, a))
-        if r.error:
-            r.note = "(static shards above are the fallback)"
-        holder.clear()
-        gc.collect()
+        if guarded(p, "autotp.shard(dynamic=True)", build_dyn):
+            warm_and_check(p, inputs, refs, a)
+        if not p.timed and not p.error:
+            p.note = "correctness only (not timed; --time-dynamic to time it)"
+        peers.append(p)
 
     if "dtensor" in a.peers:
-        progress(f"[{kind}] DTensor")
-        r = Row(kind, "DTensor parallelize_module (hand plan)")
-        holder = {}
+        p = Peer(kind, "DTensor parallelize_module (hand plan)")
+        progress(f"[{kind}] DTensor parallelize_module")
 
-        def dt(b):
-            if "m" not in holder:
-                holder["m"] = dtensor_gpt2(ref, WORLD, mesh) if kind == "gpt2" else dtensor_llama(ref, WORLD, mesh)
-            m = holder["m"]
-            return lambda x: m(x, **kw)
+        def build_dt():
+            m = dtensor_gpt2(ref, WORLD, mesh) if kind == "gpt2" else dtensor_llama(ref, WORLD, mesh)
+            p.fns = {b: call(m) for b in inputs}
+            p.mb = local_param_mb(m)
 
-        rows.append(run_peer(r, dt, inputs, refs, a))
+        if guarded(p, "parallelize_module", build_dt):
+            warm_and_check(p, inputs, refs, a)
         if kind == "gpt2":
-            r.note = "on a Conv1D->nn.Linear copy, c_attn rows permuted per rank, split_size/=world"
-        holder.clear()
-        gc.collect()
+            p.note = "Conv1D->nn.Linear copy, c_attn rows permuted per rank, split_size/=world"
+        peers.append(p)
 
+    path = [None]
     if "hf" in a.peers:
-        progress(f"[{kind}] HF tp_plan=auto")
-        r = Row(kind, 'HF from_pretrained(tp_plan="auto")')
-        holder = {}
-        path = [None]
-        if RANK == 0:
-            path[0] = tempfile.mkdtemp(prefix=f"bench_{kind}_")
-            ref.save_pretrained(path[0])
-        dist.broadcast_object_list(path, src=0)
-        dist.barrier()
+        p = Peer(kind, 'HF from_pretrained(tp_plan="auto")')
+        progress(f"[{kind}] HF from_pretrained(tp_plan='auto')")
 
-        def hf(b):
-            if "m" not in holder:
-                cls = type(ref)
-                holder["m"] = cls.from_pretrained(path[0], tp_plan="auto", dtype=torch.float32).eval()
-                torch.set_num_threads(a.threads)  # in case loading changed it
-            m = holder["m"]
-            return lambda x: m(x, **kw)
+        def save():
+            if RANK == 0:
+                path[0] = tempfile.mkdtemp(prefix=f"bench_{kind}_")
+                ref.save_pretrained(path[0])
 
-        rows.append(run_peer(r, hf, inputs, refs, a))
-        holder.clear()
-        gc.collect()
-        dist.barrier()
-        if RANK == 0:
-            shutil.rmtree(path[0], ignore_errors=True)
+        def load():
+            dist.broadcast_object_list(path, src=0)
+            dist.barrier()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # tp_plan= is deprecated for distributed_config=
+                m = type(ref).from_pretrained(path[0], tp_plan="auto", dtype=torch.float32).eval()
+            torch.set_num_threads(a.threads)  # in case loading changed it
+            p.fns = {b: call(m) for b in inputs}
+            p.mb = local_param_mb(m)
 
-    del ref
+        if guarded(p, "save_pretrained", save) and guarded(p, "from_pretrained", load):
+            warm_and_check(p, inputs, refs, a)
+        peers.append(p)
+
+    progress(f"[{kind}] timing {sum(p.timed and not p.error for p in peers)} peers x {len(inputs)} shapes "
+             f"x {a.iters} rounds")
+    time_round_robin(peers, inputs, a)
+    dist.barrier()
+    if RANK == 0 and path[0]:
+        shutil.rmtree(path[0], ignore_errors=True)
+    for p in peers:
+        p.fns = {}
+    ref = None  # noqa: F841 - free it (closures above captured the name)
     gc.collect()
-    return desc, rows
+    return desc, peers
 
 
 # ----------------------------------------------------------------------------- report
@@ -402,58 +438,70 @@ def spread(ts):
 
 def report(a, descs, compile_rows, all_rows, cmd, load0, load1, total_s):
     bs = a.batches
+    W = 46
     L = []
-    L.append("=" * 100)
-    L.append(f"autotp forward benchmark  |  world {WORLD} (gloo, CPU)  |  torch {torch.__version__}  |  "
-             f"fp32, {a.threads} thread(s)/rank, no_grad, eval  |  iters {a.iters} (warmup {a.warmup})")
+    L.append("=" * 110)
+    L.append(f"autotp forward benchmark | world {WORLD} (gloo, CPU) | torch {torch.__version__} | fp32, "
+             f"{a.threads} thread(s)/rank, no_grad, eval | {a.iters} timed rounds, {a.warmup} warm-up")
     for k, d in descs.items():
         L.append(f"  {k}: {d}")
     L.append("")
-    L.append("1. autotp compile time (seconds; wall = max over ranks around autotp.shard)")
+    L.append("1. autotp compile time, seconds (wall = around autotp.shard, max over ranks; "
+             "capture/analyze/lower = sharded.timings, rank 0)")
     L.append(f"   {'model':6} {'example':9} {'mode':8} {'wall':>7} {'capture':>8} {'analyze':>8} {'lower':>7}")
     for kind, shape, mode, wall, t in compile_rows:
         L.append(f"   {kind:6} {shape:9} {mode:8} {wall:7.2f} {t.get('capture_s', float('nan')):8.2f} "
                  f"{t.get('analyze_s', float('nan')):8.2f} {t.get('lower_s', float('nan')):7.2f}")
     if not compile_rows:
-        L.append("   (none: autotp not run)")
+        L.append("   (none: autotp did not run)")
     L.append("")
-    L.append(f"2. forward latency, median ms over {a.iters} calls (rank 0); spread = (max-min)/median; "
-             f"max|diff| = vs unsharded logits, both batches, both ranks")
-    hdr = f"   {'model':6} {'peer':45}" + "".join(f" {f'b={b} s={a.seq}':>11} {'spread':>6}" for b in bs) + \
-          f" {'max|diff|':>10}  note"
-    L.append(hdr)
+    L.append(f"2. forward latency: median (and min) ms of {a.iters} calls on rank 0, peers interleaved round-robin; "
+             "spread = (max-min)/median;")
+    L.append("   max|diff| = max abs logit difference vs the unsharded model over all batches and both ranks; "
+             "MiB = parameter+buffer bytes held per rank")
+    L.append(f"   {'model':6} {'peer':{W}}" + "".join(f" {f'b={b} s={a.seq}':>11} {'min':>7} {'spread':>6}" for b in bs) +
+             f" {'max|diff|':>9} {'MiB':>6}  note")
     for r in all_rows:
-        line = f"   {r.model:6} {r.peer:45}"
+        line = f"   {r.model:6} {r.name:{W}}"
         if r.error:
-            line += f"  FAILED: {r.error}"
+            line += f" FAILED: {r.error}"
         else:
             for b in bs:
-                line += f" {fmt_ms(r.times.get(b)):>11} {spread(r.times.get(b)):>6}"
-            line += f" {('%.2e' % r.diff) if r.diff is not None else '(ref)':>10}  {r.note}"
+                ts = r.times.get(b)
+                line += (f" {fmt_ms(ts):>11} {min(ts) * 1e3:7.1f} {spread(ts):>6}" if ts
+                         else f" {'-':>11} {'':>7} {'':>6}")
+            d = ("%.2e" % r.diff) if r.diff is not None else "(ref)"
+            line += f" {d:>9} {r.mb or 0:6.0f}  {r.note}"
         L.append(line)
     L.append("")
-    L.append("3. ratio autotp(static) / peer median latency (<1: autotp faster)")
-    L.append(f"   {'model':6} {'peer':45}" + "".join(f" {f'b={b}':>8}" for b in bs))
+    L.append("3. autotp(static) / peer latency (<1: autotp faster): ratio of medians, and in brackets the median of")
+    L.append("   the per-round ratios (each round runs every peer back to back, so this pairs calls made under similar load)")
+    L.append(f"   {'model':6} {'peer':{W}}" + "".join(f" {f'b={b}':>16}" for b in bs))
     for kind in descs:
         rows = [r for r in all_rows if r.model == kind]
-        at = next((r for r in rows if r.peer.startswith("autotp") and "static" in r.peer), None)
-        if at is None or at.error:
+        at = next((r for r in rows if r.name.startswith("autotp") and "static" in r.name), None)
+        if at is None or at.error or not at.times:
             L.append(f"   {kind:6} (autotp static did not run)")
             continue
         for r in rows:
             if r is at:
                 continue
-            line = f"   {kind:6} {r.peer:45}"
+            line = f"   {kind:6} {r.name:{W}}"
             if r.error:
-                line += "   n/a (peer failed)"
+                line += "      n/a (peer failed)"
+            elif not r.times:
+                line += "      n/a (not timed)"
             else:
-                line += "".join(f" {statistics.median(at.times[b]) / statistics.median(r.times[b]):8.2f}" for b in bs)
+                for b in bs:
+                    rm = statistics.median(at.times[b]) / statistics.median(r.times[b])
+                    rp = statistics.median(x / y for x, y in zip(at.times[b], r.times[b]))
+                    line += f" {rm:8.2f} [{rp:5.2f}]"
             L.append(line)
     L.append("")
-    L.append(f"load average (1 min) before/after: {load0:.2f} / {load1:.2f}  (2 ranks busy = ~2.0; more means "
-             f"other processes shared the cores)   total {total_s:.0f} s")
+    L.append(f"load average (1 min) at start / end: {load0:.2f} / {load1:.2f} (the 2 ranks alone give ~2; "
+             f"more = other processes shared the 2 cores)   total {total_s:.0f} s")
     L.append(f"command: {cmd}")
-    L.append("=" * 100)
+    L.append("=" * 110)
     log("\n".join(L))
 
 
