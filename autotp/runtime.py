@@ -127,10 +127,17 @@ class _Collective(nn.Module):
 
 
 class AllReduce(_Collective):
-    """forward: all-reduce (sum) of a partial sum; backward: identity."""
+    """forward: all-reduce (sum) of a partial sum; backward: identity.
+
+    Without autograd the sum is taken in place: lowering gives every partial sum exactly
+    one reader, this module, so nothing else can see the buffer change.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
+            return x
+        if not torch.is_grad_enabled() and x.is_contiguous():
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
             return x
         return _AllReduceFn.apply(x, self.group)
 
