@@ -5,9 +5,10 @@
 """
 from .api import ShardConfig, ShardedModule, plan, shard
 from .capture import CaptureError, capture
+from .loss import vocab_parallel_cross_entropy
 from .placements import Partial, Replicate, Shard
 from .plan import Plan
 
 __all__ = ["shard", "plan", "Plan", "ShardConfig", "ShardedModule", "capture", "CaptureError",
-           "Replicate", "Shard", "Partial"]
+           "Replicate", "Shard", "Partial", "vocab_parallel_cross_entropy"]
 __version__ = "0.1.0"

@@ -83,6 +83,13 @@ class ShardedModule(nn.Module):
         self.timings = timings
         self._inputs_checked = not config.check_inputs or world_size == 1
 
+    def train(self, mode: bool = True) -> "ShardedModule":
+        """Set training mode (dropout on or off). The exported graph module refuses ``train()``
+        itself, so the flag is set on every submodule directly."""
+        for m in self.modules():
+            m.training = mode
+        return self
+
     def forward(self, *args, **kwargs):
         if not self._inputs_checked:
             check_same_inputs(args, kwargs, self.group)
@@ -146,8 +153,10 @@ def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tu
     the_plan = build_plan(analysis)
     ctx = dict(analysis=analysis, rank=rank, world_size=world, group=group, load=load)
     gm = P.run_passes(gm, [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
-                           P.lower_vocab_embedding, P.shard_parameters], **ctx)
+                           P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout,
+                           P.shard_parameters], **ctx)
     drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident
     timings["lower_s"] = time.perf_counter() - t0
-    return ShardedModule(gm, the_plan, analysis, rank=rank, world_size=world, group=group, config=config,
-                         timings=timings)
+    sharded = ShardedModule(gm, the_plan, analysis, rank=rank, world_size=world, group=group, config=config,
+                            timings=timings)
+    return sharded.train(model.training)  # start in the mode the model was in

@@ -87,7 +87,8 @@ def build_plan(analysis) -> Plan:
         if dec.role:
             found = linear_weight(node)
             w = found[1] if found else node.args[0]
-            roles.setdefault(w.target, dec.role.replace("row_bias", "row"))
+            if w.op == "get_attr":
+                roles.setdefault(w.target, dec.role.replace("row_bias", "row"))
     parameters: dict[str, dict] = {}
     per_rank = total = replicated = 0
     seen = set()
@@ -135,6 +136,15 @@ def build_plan(analysis) -> Plan:
         elif red.kind == "slice" and grad:
             collectives.append(entry("all_gather", "backward"))
     for node, dec in analysis.decisions.items():
+        if dec.role == "vocab_ce":
+            rows = int(node.args[0].meta["val"].shape[0])
+            dtype = "float32"
+            smoothing = (node.args[5] if len(node.args) > 5 else node.kwargs.get("label_smoothing", 0.0)) or 0.0
+            for shape, why in (([rows], "max of the logits"),
+                               ([rows, 3 if smoothing else 2], "target logit + sum of exp")):
+                collectives.append({"op": "all_reduce", "phase": "forward", "shape": shape, "dtype": dtype,
+                                    "bytes": _nbytes(shape, torch.float32), "at": node.name,
+                                    "why": f"vocab-parallel cross-entropy: {why}"})
         if dec.role == "row_bias":
             val = node.meta["val"]
             shape = [int(s) for s in val.shape]

@@ -608,6 +608,19 @@ def rule_embedding(ctx: Ctx, node: Node) -> Decision:
     return Decision(R, {w: R, ids: R}, why="replicated embedding")
 
 
+def rule_cross_entropy(ctx: Ctx, node: Node) -> Decision:
+    """cross_entropy_loss(logits (N, C), target): with the class dim sharded, the loss is computed
+    from the shards (``autotp.loss``: two all-reduces over ``[N]``) and comes out replicated."""
+    x, target = node.args[:2]
+    p = ctx.pl(x)
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    if not isinstance(p, Shard):
+        return rule_replicated(ctx, node)
+    if len(ctx.shape(x)) != 2 or p.dim != 1 or p.chunks != 1 or weight is not None:
+        raise Unsupported("cross-entropy on a shard other than the class dim of (N, C) logits")
+    return Decision(R, {x: p, target: R}, why="vocab-parallel cross-entropy (no logits gather)", role="vocab_ce")
+
+
 def rule_ignore(ctx: Ctx, node: Node) -> Decision:
     """Metadata asserts: accept any placement (lowering drops them)."""
     return Decision(None, {}, why="metadata check (dropped)")
@@ -648,6 +661,7 @@ RULES.update({
     aten.bmm: rule_matmul,
     aten.linear: rule_linear, aten.addmm: rule_linear, aten.mm: rule_linear, aten.matmul: rule_linear,
     aten.embedding: rule_embedding,
+    aten.cross_entropy_loss: rule_cross_entropy,
     aten._assert_tensor_metadata: rule_ignore,
     operator.getitem: rule_getitem,
 })

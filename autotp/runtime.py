@@ -26,7 +26,7 @@ from torch import nn
 from .placements import shard_index
 
 __all__ = [
-    "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding",
+    "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout", "TPAttention",
     "init_process_group_from_env", "resolve_group",
 ]
 
@@ -211,6 +211,61 @@ class VocabParallelEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows=[{self.start}, {self.start + self.rows})"
+
+
+class TPDropout(nn.Module):
+    """Dropout with probability ``p`` while ``self.training``; see ``passes/lower_dropout.py``.
+
+    ``sharded=True`` draws masks from a generator private to this rank (seeded at shard time).
+    """
+
+    def __init__(self, p: float, *, sharded: bool, seed: int):
+        super().__init__()
+        self.p, self.sharded, self.seed = p, sharded, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if not self.sharded:
+            return torch.nn.functional.dropout(x, self.p, True)
+        gen = self._generators.get(x.device)
+        if gen is None:
+            gen = self._generators[x.device] = torch.Generator(device=x.device).manual_seed(self.seed)
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=gen)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, sharded={self.sharded}"
+
+
+class TPAttention(nn.Module):
+    """``scaled_dot_product_attention`` whose attention dropout follows ``self.training``.
+
+    On sharded heads the dropout mask comes from this rank's own seed sequence, drawn inside
+    ``torch.random.fork_rng`` so the default generator every rank shares is left untouched.
+    """
+
+    def __init__(self, dropout_p: float, *, sharded: bool, seed: int, **sdpa_kwargs):
+        super().__init__()
+        self.dropout_p, self.sharded, self.seed = dropout_p, sharded, seed
+        self.sdpa_kwargs = sdpa_kwargs
+        self._calls = 0
+
+    def forward(self, q, k, v, attn_mask=None):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if not self.training or self.dropout_p == 0.0:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.0, **self.sdpa_kwargs)
+        if not self.sharded:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p, **self.sdpa_kwargs)
+        self._calls += 1
+        devices = [q.device] if q.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + 1_000_003 * self._calls)
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p, **self.sdpa_kwargs)
+
+    def extra_repr(self) -> str:
+        return f"dropout_p={self.dropout_p}, sharded={self.sharded}"
 
 
 def init_process_group_from_env(world_size: int | None) -> None:

@@ -11,11 +11,14 @@ from .find_vocab_embeddings import find_vocab_embeddings
 from .drop_metadata_asserts import drop_metadata_asserts
 from .insert_redistributions import insert_redistributions
 from .localize_shapes import localize_shapes
+from .lower_dropout import lower_dropout
 from .lower_row_bias import lower_row_bias
+from .lower_vocab_cross_entropy import lower_vocab_cross_entropy
 from .lower_vocab_embedding import lower_vocab_embedding
 from .shard_parameters import shard_parameters
 
 __all__ = [
     "PassResult", "run_passes", "find_linear_seeds", "find_vocab_embeddings", "drop_metadata_asserts",
-    "insert_redistributions", "localize_shapes", "lower_row_bias", "lower_vocab_embedding", "shard_parameters",
+    "insert_redistributions", "localize_shapes", "lower_row_bias", "lower_vocab_embedding",
+    "lower_vocab_cross_entropy", "lower_dropout", "shard_parameters",
 ]

@@ -1,0 +1,159 @@
+"""Vocab-parallel cross-entropy: the loss from vocab-sharded logits, never gathering them.
+
+For logits ``x`` split over the vocab (rank r holds columns ``[start_r, start_r + V_r)``)::
+
+    m_i     = max_c x_ic                          all-reduce MAX over [N]
+    e_ic    = exp(x_ic - m_i)   (local columns)
+    Z_i     = sum_c e_ic                          \\
+    t_i     = x_{i, y_i} - m_i  (owner rank only)  } one all-reduce SUM over [N, 2]
+    (s_i    = sum_c (x_ic - m_i), label smoothing) /  ([N, 3] with smoothing)
+    loss_i  = (1 - eps) * (log Z_i - t_i) + eps * (log Z_i - s_i / V)
+
+Megatron-LM issues three all-reduces (max, target logit, sum of exp); the target
+logit and the sum of exps are fused here into one, so two suffice.  The
+backward needs no communication: ``dL/dx_ic = g_i * (softmax_ic - (1 - eps) *
+[c == y_i] - eps / V)`` on the local columns.  Semantics follow
+``torch.nn.functional.cross_entropy``: ``ignore_index`` rows contribute 0 and are
+left out of the mean; ``reduction`` is ``"none"``, ``"mean"`` or ``"sum"``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .runtime import _rank, _world
+
+__all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropy"]
+
+_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, vocab_size, ignore_index, reduction, label_smoothing, group):
+        world, rank = _world(group), _rank(group)
+        n_local = logits.shape[-1]
+        start = rank * n_local
+        valid = max(0, min(n_local, vocab_size - start))  # columns past the vocab are padding
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        if valid < n_local:
+            x = x.clone()
+            x[:, valid:] = float("-inf")
+        m = x.max(dim=-1).values
+        if world > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        x = x - m[:, None]
+        ignored = target == ignore_index
+        local_t = target - start
+        owned = (local_t >= 0) & (local_t < valid) & ~ignored
+        idx = local_t.clamp(0, max(n_local - 1, 0))
+        e = x.exp()
+        parts = [torch.where(owned, x.gather(1, idx[:, None]).squeeze(1), 0.0), e.sum(-1)]
+        if label_smoothing:
+            parts.append(x[:, :valid].sum(-1))
+        stacked = torch.stack(parts, dim=1)
+        if world > 1:
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        t, z = stacked[:, 0], stacked[:, 1]
+        log_z = z.log()
+        loss = log_z - t
+        if label_smoothing:
+            loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - stacked[:, 2] / vocab_size)
+        loss = loss.masked_fill(ignored, 0.0)
+        count = (~ignored).sum()
+        softmax = e.div_(z[:, None])
+        ctx.save_for_backward(softmax, idx, owned, ignored, count)
+        ctx.args = (reduction, label_smoothing, vocab_size, valid, logits.dtype)
+        if reduction == "none":
+            return loss.to(logits.dtype)
+        total = loss.sum()
+        return (total / count if reduction == "mean" else total).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, idx, owned, ignored, count = ctx.saved_tensors
+        reduction, eps, vocab_size, valid, dtype = ctx.args
+        g = grad.to(softmax.dtype)
+        if reduction == "mean":
+            g = (g / count).expand(softmax.shape[0])
+        elif reduction == "sum":
+            g = g.expand(softmax.shape[0])
+        dx = softmax
+        rows = torch.arange(dx.shape[0], device=dx.device)
+        dx[rows[owned], idx[owned]] -= 1.0 - eps
+        if eps:
+            dx[:, :valid] -= eps / vocab_size
+        dx[:, valid:] = 0.0
+        dx.mul_(g.masked_fill(ignored, 0.0)[:, None])
+        return dx.to(dtype), None, None, None, None, None, None
+
+
+def _check_targets(target: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
+    if bool(bad.any()):
+        vals = target[bad].unique()[:5].tolist()
+        raise ValueError(
+            f"cross-entropy targets out of the vocab range [0, {vocab_size}): {vals} "
+            f"({int(bad.sum())} of {target.numel()}); ignore_index is {ignore_index}. "
+            "Check the labels against the tokenizer's vocab_size"
+        )
+
+
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, *, group=None,
+                                 vocab_size: int | None = None, ignore_index: int = -100,
+                                 reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of vocab-sharded logits, equal to ``F.cross_entropy`` of the gathered ones.
+
+    Args:
+        logits_shard: ``(..., V_local)``: this rank's contiguous block of the vocab
+            (rank r holds ``[r * V_local, (r + 1) * V_local)``; columns past ``vocab_size`` are padding).
+        target: ``(...)`` class indices, the same on every rank.
+        group: the tensor-parallel process group (default: the world).
+        vocab_size: the real vocab size (default ``V_local * world``).
+        ignore_index / reduction / label_smoothing: as ``torch.nn.functional.cross_entropy``.
+
+    Returns:
+        The loss, replicated on every rank (a scalar, or ``target``'s shape for ``reduction="none"``).
+
+    Example::
+
+        >>> loss = vocab_parallel_cross_entropy(local_logits, labels, group=tp_group)
+        >>> loss.backward()   # gradients flow to local_logits only; no communication
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    world = _world(group)
+    n_local = logits_shard.shape[-1]
+    vocab_size = vocab_size or n_local * world
+    if not (n_local * (world - 1) < vocab_size <= n_local * world):
+        raise ValueError(f"vocab_size ({vocab_size}) does not fit {world} shards of {n_local} columns")
+    if logits_shard.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits_shard.shape)} and target {tuple(target.shape)} disagree: "
+                         "logits must be target's shape plus the vocab dim")
+    _check_targets(target, vocab_size, ignore_index)
+    flat = logits_shard.reshape(-1, n_local)
+    loss = _VocabParallelCE.apply(flat, target.reshape(-1), vocab_size, ignore_index, reduction,
+                                  float(label_smoothing), group)
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """``aten.cross_entropy_loss`` on vocab-sharded logits, as a graph node (see the module docstring)."""
+
+    def __init__(self, vocab_size: int, reduction: int | str = 1, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, group=None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.reduction = _REDUCTIONS.get(reduction, reduction)
+        self.ignore_index, self.label_smoothing, self.group = ignore_index, label_smoothing, group
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, target, group=self.group, vocab_size=self.vocab_size,
+                                            ignore_index=self.ignore_index, reduction=self.reduction,
+                                            label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.vocab_size}, reduction={self.reduction}, ignore_index={self.ignore_index}"

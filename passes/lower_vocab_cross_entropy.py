@@ -1,0 +1,39 @@
+"""lower_vocab_cross_entropy: the loss from vocab-sharded logits.
+
+    loss = cross_entropy_loss(logits_S, y, None, red, ignore, eps)
+ -> loss = VocabParallelCrossEntropy[V, red, ignore, eps](logits_S, y)   # replicated, 2 all-reduces of [N]
+"""
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from autotp.loss import VocabParallelCrossEntropy
+
+from .base import PassResult
+
+# aten.cross_entropy_loss(self, target, weight=None, reduction=Mean, ignore_index=-100, label_smoothing=0.0)
+_DEFAULTS = {"reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
+
+
+def lower_vocab_cross_entropy(gm: GraphModule, *, analysis, group, **_) -> PassResult:
+    modified = False
+    for i, node in enumerate(list(gm.graph.nodes)):
+        dec = analysis.decisions.get(node)
+        if dec is None or dec.role != "vocab_ce":
+            continue
+        logits, target = node.args[:2]
+        opts = dict(_DEFAULTS)
+        for k, v in zip(("reduction", "ignore_index", "label_smoothing"), node.args[3:]):
+            opts[k] = v
+        opts.update({k: v for k, v in node.kwargs.items() if k in opts})
+        name = f"autotp_vocab_cross_entropy_{i}"
+        vocab = int(logits.meta["val"].shape[1])
+        gm.add_submodule(name, VocabParallelCrossEntropy(vocab, opts["reduction"], opts["ignore_index"],
+                                                         opts["label_smoothing"] or 0.0, group))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (logits, target))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        modified = True
+    return PassResult(gm, modified)
