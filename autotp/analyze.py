@@ -130,8 +130,9 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
                     if bad:
                         failures.append(Failure(node, bad, "a sharded value reaches the output", None))
                 if p is not None:
-                    ins[x] = R
-            decisions[node] = Decision(None, ins, why="outputs are replicated")
+                    ins[x] = p if (isinstance(p, Shard) and not ctx.gather_outputs) else R
+            decisions[node] = Decision(None, ins, why="outputs are replicated" if ctx.gather_outputs else
+                                       "outputs: partial sums reduced, shards left local")
             continue
         try:
             dec = rule_for(node)(ctx, node)
@@ -156,9 +157,10 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
 
 
 def analyze(gm: GraphModule, world_size: int, *, column_seeds: list[Node], vocab_seeds: list[Node],
-            strict: bool = False) -> Analysis:
+            strict: bool = False, gather_outputs: bool = True) -> Analysis:
     """Run the fixpoint and record redistributions. See the module docstring."""
     ctx = Ctx(world_size, {})
+    ctx.gather_outputs = gather_outputs
     ctx.column_seeds = {s: 1 for s in column_seeds}
     ctx.vocab_seeds = set(vocab_seeds)
     vocab_weights = {n.args[0].target for n in vocab_seeds}

@@ -28,11 +28,15 @@ class ShardConfig:
             every tensor input); otherwise the sharded module accepts the example shapes only.
         check_inputs: on the first call, verify every rank got the same inputs (2 small
             all-reduces); differing inputs silently corrupt results in every TP library.
+        gather_outputs: gather sharded outputs (the logits) so every rank returns the whole
+            value. ``False`` returns this rank's vocab slice instead -- for training loops that
+            only read the loss, it saves the ``[batch, seq, vocab]`` all-gather.
     """
 
     strict: bool = False
     dynamic: bool = False
     check_inputs: bool = True
+    gather_outputs: bool = True
 
 
 def _analyze(model, world_size, example_inputs, example_kwargs, config: ShardConfig):
@@ -41,7 +45,8 @@ def _analyze(model, world_size, example_inputs, example_kwargs, config: ShardCon
     t1 = time.perf_counter()
     seeds = P.find_linear_seeds(gm, world_size=world_size)
     vocab = P.find_vocab_embeddings(gm, world_size=world_size)
-    analysis = analyze(gm, world_size, column_seeds=seeds, vocab_seeds=vocab, strict=config.strict)
+    analysis = analyze(gm, world_size, column_seeds=seeds, vocab_seeds=vocab, strict=config.strict,
+                       gather_outputs=config.gather_outputs)
     t2 = time.perf_counter()
     return gm, analysis, {"capture_s": t1 - t0, "analyze_s": t2 - t1}
 

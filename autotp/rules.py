@@ -68,6 +68,7 @@ class Ctx:
         self.column_seeds: dict[Node, int] = {}  # active column seeds -> chunks
         self.vocab_seeds: set[Node] = set()
         self.reduced: set[Node] = set()  # partial sums with several users: all-reduced once, at the source
+        self.gather_outputs = True
 
     def pl(self, x: Any) -> Placement | None:
         """Placement of an argument; ``None`` for parameters (placed on demand) and non-tensors."""

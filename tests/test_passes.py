@@ -154,3 +154,15 @@ def test_world_size_one_runs_unsharded_graph():
     x = torch.randn(4, 16)
     sharded = autotp.shard(model, 1, example_inputs=(x,))
     torch.testing.assert_close(sharded(x), model(x), rtol=0, atol=0)
+
+
+def test_gather_outputs_false_leaves_logits_local():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_positions=32, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    kw = {"labels": ids, "use_cache": False}
+    full = autotp.plan(model, 2, (ids,), kw)
+    local = autotp.plan(model, 2, (ids,), kw, config=autotp.ShardConfig(gather_outputs=False))
+    assert full.counts("forward") == {"all_reduce": 5, "all_gather": 1}  # embedding 1 + layer 2 + loss 2
+    assert local.counts("forward") == {"all_reduce": 5}
