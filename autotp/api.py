@@ -31,12 +31,15 @@ class ShardConfig:
         gather_outputs: gather sharded outputs (the logits) so every rank returns the whole
             value. ``False`` returns this rank's vocab slice instead -- for training loops that
             only read the loss, it saves the ``[batch, seq, vocab]`` all-gather.
+        activation_checkpointing: recompute each transformer block (each element of a module
+            list) in backward instead of storing its activations.
     """
 
     strict: bool = False
     dynamic: bool = False
     check_inputs: bool = True
     gather_outputs: bool = True
+    activation_checkpointing: bool = False
 
 
 def _analyze(model, world_size, example_inputs, example_kwargs, config: ShardConfig):
@@ -160,6 +163,8 @@ def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tu
     gm = P.run_passes(gm, [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
                            P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout,
                            P.shard_parameters], **ctx)
+    if config.activation_checkpointing:
+        gm = P.run_passes(gm, [P.checkpoint_blocks], **ctx)
     drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident
     timings["lower_s"] = time.perf_counter() - t0
     sharded = ShardedModule(gm, the_plan, analysis, rank=rank, world_size=world, group=group, config=config,

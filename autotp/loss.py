@@ -18,7 +18,6 @@ left out of the mean; ``reduction`` is ``"none"``, ``"mean"`` or ``"sum"``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist

@@ -18,6 +18,7 @@ carry their group and layout with it.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -213,27 +214,38 @@ class VocabParallelEmbedding(nn.Module):
         return f"rows=[{self.start}, {self.start + self.rows})"
 
 
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Draw from ``seed`` inside a forked RNG: the default generators ranks share are left as they were."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 class TPDropout(nn.Module):
     """Dropout with probability ``p`` while ``self.training``; see ``passes/lower_dropout.py``.
 
-    ``sharded=True`` draws masks from a generator private to this rank (seeded at shard time).
+    ``sharded=True`` draws each call's mask from ``seed + call number`` inside a forked RNG, so
+    the default generator stays in step across ranks and a recomputation (activation
+    checkpointing) can replay the mask by rewinding ``_calls``.
     """
 
     def __init__(self, p: float, *, sharded: bool, seed: int):
         super().__init__()
         self.p, self.sharded, self.seed = p, sharded, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if not self.sharded:
             return torch.nn.functional.dropout(x, self.p, True)
-        gen = self._generators.get(x.device)
-        if gen is None:
-            gen = self._generators[x.device] = torch.Generator(device=x.device).manual_seed(self.seed)
-        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=gen)
-        return x * keep / (1.0 - self.p)
+        self._calls += 1
+        with _seeded(self.seed + 1_000_003 * self._calls, x.device):
+            return torch.nn.functional.dropout(x, self.p, True)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, sharded={self.sharded}"
@@ -259,9 +271,7 @@ class TPAttention(nn.Module):
         if not self.sharded:
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p, **self.sdpa_kwargs)
         self._calls += 1
-        devices = [q.device] if q.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed + 1_000_003 * self._calls)
+        with _seeded(self.seed + 1_000_003 * self._calls, q.device):
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p, **self.sdpa_kwargs)
 
     def extra_repr(self) -> str:

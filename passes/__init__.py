@@ -8,6 +8,7 @@ pattern does not match.
 from .base import PassResult, run_passes
 from .find_linear_seeds import find_linear_seeds
 from .find_vocab_embeddings import find_vocab_embeddings
+from .checkpoint_blocks import checkpoint_blocks
 from .drop_metadata_asserts import drop_metadata_asserts
 from .insert_redistributions import insert_redistributions
 from .localize_shapes import localize_shapes
@@ -20,5 +21,5 @@ from .shard_parameters import shard_parameters
 __all__ = [
     "PassResult", "run_passes", "find_linear_seeds", "find_vocab_embeddings", "drop_metadata_asserts",
     "insert_redistributions", "localize_shapes", "lower_row_bias", "lower_vocab_embedding",
-    "lower_vocab_cross_entropy", "lower_dropout", "shard_parameters",
+    "lower_vocab_cross_entropy", "lower_dropout", "checkpoint_blocks", "shard_parameters",
 ]

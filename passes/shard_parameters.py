@@ -1,6 +1,7 @@
-"""shard_parameters: replace every sharded parameter (and buffer) by this rank's slice.
+"""shard_parameters: give the rank's module its own parameters: slices of sharded ones, copies of the rest.
 
     W[out, in]  with S(0, chunks)   ->   W_r[out / n, in]   (a copy: the full tensor is not kept)
+    b[out]      with R              ->   b.clone()
 
 ``load`` (optional) supplies a slice without the full tensor in memory --
 ``load(name, dim, index, pad)`` -- for shard-on-load; by default the slice is
@@ -40,10 +41,16 @@ def slice_tensor(t: torch.Tensor, dim: int, index: torch.Tensor, pad: int) -> to
 def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, load=None, **_) -> PassResult:
     modified = False
     for target, pl in analysis.param_placements.items():
-        if not isinstance(pl, Shard):
-            continue
         mod, leaf = _owner(gm, target)
         full = getattr(mod, leaf)
+        if not isinstance(pl, Shard):
+            # a replicated tensor is copied too: the sharded module owns its parameters (their
+            # .grad and optimizer updates never reach the user's model or another sharded copy)
+            if isinstance(full, torch.Tensor) and full.device.type != "meta":
+                with torch.no_grad():
+                    own = full.detach().clone()
+                _set(mod, leaf, full, own)
+            continue
         index, pad = shard_index(full.shape[pl.dim], world_size, rank, pl.chunks)
         if load is not None:
             local = load(target, pl.dim, index, pad)
@@ -55,12 +62,15 @@ def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, l
         else:
             with torch.no_grad():
                 local = slice_tensor(full, pl.dim, index, pad)
-        if isinstance(full, nn.Parameter):
-            local = nn.Parameter(local, requires_grad=full.requires_grad)
-            setattr(mod, leaf, local)
-        elif leaf in mod._buffers:
-            mod._buffers[leaf] = local
-        else:
-            setattr(mod, leaf, local)
+        _set(mod, leaf, full, local)
         modified = True
     return PassResult(gm, modified)
+
+
+def _set(mod: nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    if isinstance(old, nn.Parameter):
+        setattr(mod, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+    elif leaf in mod._buffers:
+        mod._buffers[leaf] = new
+    else:
+        setattr(mod, leaf, new)

@@ -200,6 +200,38 @@ def _run(rank: int, world: int) -> dict:
     a.backward()
     res["bf16"] = {"loss": a.item(), "ref": b.item(), "finite_grads": all(torch.isfinite(p.grad).all().item()
                                                                          for p in sharded.parameters())}
+    # activation checkpointing (with dropout): identical loss and grads to the stored-activation run
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64,
+                                                                 vocab_size=99, resid_pdrop=0.2, attn_pdrop=0.2,
+                                                                 embd_pdrop=0.2)).train()
+    ids = torch.randint(0, 99, (2, 8))
+    kw = {"labels": ids, "use_cache": False}
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        sharded = autotp.shard(model, world, example_inputs=(ids,), example_kwargs=kw, activation_checkpointing=ckpt)
+        torch.manual_seed(6)
+        loss = sharded(ids, **kw).loss
+        loss.backward()
+        blocks = sum(1 for n, _ in sharded.module.named_children() if n.startswith("autotp_block"))
+        runs.append((loss.item(), {n: p.grad for n, p in sharded.module.named_parameters()}, blocks))
+    (l0, g0, _), (l1, g1, blocks) = runs
+    res["checkpointing"] = {"loss_diff": abs(l0 - l1), "grad_diff": max((g0[n] - g1[n]).abs().max().item() for n in g0),
+                            "blocks": blocks}
+
+    # gather_outputs=False: the same loss, the logits left as the local vocab slice
+    torch.manual_seed(0)
+    model = _hf("llama")
+    ids = torch.randint(0, 128, (2, 8))
+    kw = {"labels": ids, "use_cache": False}
+    sharded = autotp.shard(model, world, example_inputs=(ids,), example_kwargs=kw, gather_outputs=False)
+    ref = model(ids, **kw)
+    with CommDebugMode() as comm:
+        out = sharded(ids, **kw)
+    res["local_outputs"] = {"loss_err": (out.loss - ref.loss).abs().item(), "logits_shape": list(out.logits.shape),
+                            "logits_err": (out.logits - ref.logits.chunk(world, dim=-1)[rank]).abs().max().item(),
+                            "counts": _counts(comm)}
     return res
 
 
@@ -271,6 +303,21 @@ def test_dropout_keeps_ranks_in_step(world):
     assert all(r["dropout"]["train_logits"] == rs[0]["dropout"]["train_logits"] for r in rs)
     assert rs[0]["dropout"]["differs_between_steps"]
     assert rs[0]["dropout"]["eval_err"] <= 1e-5
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_activation_checkpointing_matches(world):
+    for r in results(world):
+        c = r["checkpointing"]
+        assert c["blocks"] == 2 and c["loss_diff"] == 0.0 and c["grad_diff"] == 0.0, c
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_local_outputs_skip_the_logits_gather(world):
+    for r in results(world):
+        o = r["local_outputs"]
+        assert o["loss_err"] <= 1e-5 and o["logits_err"] <= 1e-5 and o["logits_shape"] == [2, 8, 128 // world], o
+        assert "allgather" not in o["counts"], o
 
 
 @pytest.mark.parametrize("world", [2, 4])
