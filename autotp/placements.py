@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "shard_index", "local_size"]
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "shard_index", "local_size", "take_shard"]
 
 
 class Placement:
@@ -105,3 +105,16 @@ def shard_index(global_size: int, world_size: int, rank: int, chunks: int = 1) -
     base = torch.arange(chunks) * per_chunk + rank * block
     return (base[:, None] + torch.arange(block)[None, :]).reshape(-1), 0
 
+
+
+def take_shard(t: torch.Tensor, dim: int, index: torch.Tensor, pad: int) -> torch.Tensor:
+    """``t``'s rows ``index`` along ``dim`` (a view when they are contiguous), plus ``pad`` zero rows."""
+    if len(index) and bool((index[1:] - index[:-1] == 1).all()):
+        out = t.narrow(dim, int(index[0]), len(index))
+    else:
+        out = t.index_select(dim, index.to(t.device))
+    if pad:
+        shape = list(out.shape)
+        shape[dim] = pad
+        out = torch.cat([out, out.new_zeros(shape)], dim=dim)
+    return out

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .placements import shard_index
+from .placements import shard_index, take_shard
 
 __all__ = [
     "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout", "TPAttention",
@@ -60,16 +60,7 @@ def _gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, group) -> 
 
 
 def _slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> torch.Tensor:
-    index, pad = shard_index(x.shape[dim], world, rank, chunks)
-    if chunks == 1:
-        out = x.narrow(dim, int(index[0]) if len(index) else 0, len(index))
-    else:
-        out = x.index_select(dim, index.to(x.device))
-    if pad:
-        shape = list(out.shape)
-        shape[dim] = pad
-        out = torch.cat([out, out.new_zeros(shape)], dim=dim)
-    return out
+    return take_shard(x, dim, *shard_index(x.shape[dim], world, rank, chunks))
 
 
 class _AllReduceFn(torch.autograd.Function):

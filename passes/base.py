@@ -15,6 +15,17 @@ class PassError(RuntimeError):
     pass
 
 
+def replace_with_module(gm: GraphModule, node, name: str, module, args: tuple):
+    """Swap ``node`` for a ``call_module`` of ``module`` (registered as ``name``) on ``args``."""
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def run_passes(gm: GraphModule, passes: list[Callable[..., PassResult]], **kwargs) -> GraphModule:
     """Run ``passes`` in order; a failure names the pass, the passes before it, and chains the cause."""
     done: list[str] = []

@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from autotp.placements import Shard
 from autotp.runtime import TPAttention, TPDropout
 
-from .base import PassResult
+from .base import PassResult, replace_with_module
 
 aten = torch.ops.aten
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -45,11 +45,6 @@ def lower_dropout(gm: GraphModule, *, analysis, rank: int, **_) -> PassResult:
             args = (bound.pop("query"), bound.pop("key"), bound.pop("value"), bound.pop("attn_mask", None))
             module = TPAttention(p, sharded=sharded, seed=seed, **bound)
         name = f"autotp_dropout_{i}"
-        gm.add_submodule(name, module)
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, args)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_with_module(gm, node, name, module, args)
         modified = True
     return PassResult(gm, modified)

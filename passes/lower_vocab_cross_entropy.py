@@ -9,7 +9,7 @@ from torch.fx import GraphModule
 
 from autotp.loss import VocabParallelCrossEntropy
 
-from .base import PassResult
+from .base import PassResult, replace_with_module
 
 # aten.cross_entropy_loss(self, target, weight=None, reduction=Mean, ignore_index=-100, label_smoothing=0.0)
 _DEFAULTS = {"reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
@@ -28,12 +28,7 @@ def lower_vocab_cross_entropy(gm: GraphModule, *, analysis, group, **_) -> PassR
         opts.update({k: v for k, v in node.kwargs.items() if k in opts})
         name = f"autotp_vocab_cross_entropy_{i}"
         vocab = int(logits.meta["val"].shape[1])
-        gm.add_submodule(name, VocabParallelCrossEntropy(vocab, opts["reduction"], opts["ignore_index"],
-                                                         opts["label_smoothing"] or 0.0, group))
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (logits, target))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_with_module(gm, node, name, VocabParallelCrossEntropy(vocab, opts["reduction"], opts["ignore_index"],
+                                                         opts["label_smoothing"] or 0.0, group), (logits, target))
         modified = True
     return PassResult(gm, modified)

@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 
 from autotp.runtime import VocabParallelEmbedding
 
-from .base import PassResult
+from .base import PassResult, replace_with_module
 
 
 def lower_vocab_embedding(gm: GraphModule, *, analysis, rank: int, world_size: int, **_) -> PassResult:
@@ -27,11 +27,6 @@ def lower_vocab_embedding(gm: GraphModule, *, analysis, rank: int, world_size: i
         rows = math.ceil(vocab / world_size)
         padding_idx = node.args[2] if len(node.args) > 2 else -1
         name = f"autotp_vocab_embedding_{i}"
-        gm.add_submodule(name, VocabParallelEmbedding(rank * rows, rows, padding_idx))
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (w, ids))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_with_module(gm, node, name, VocabParallelEmbedding(rank * rows, rows, padding_idx), (w, ids))
         modified = True
     return PassResult(gm, modified)

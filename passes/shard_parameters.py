@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from autotp.placements import Shard, shard_index
+from autotp.placements import Shard, shard_index, take_shard
 
 from .base import PassResult
 
@@ -24,18 +24,6 @@ def _owner(gm: nn.Module, target: str):
     for p in path:
         mod = getattr(mod, p)
     return mod, leaf
-
-
-def slice_tensor(t: torch.Tensor, dim: int, index: torch.Tensor, pad: int) -> torch.Tensor:
-    if len(index) and bool((index[1:] - index[:-1] == 1).all()):
-        out = t.narrow(dim, int(index[0]), len(index))
-    else:
-        out = t.index_select(dim, index.to(t.device))
-    if pad:
-        shape = list(out.shape)
-        shape[dim] = pad
-        out = torch.cat([out, out.new_zeros(shape)], dim=dim)
-    return out.clone().contiguous()
 
 
 def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, load=None, **_) -> PassResult:
@@ -61,7 +49,7 @@ def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, l
             )
         else:
             with torch.no_grad():
-                local = slice_tensor(full, pl.dim, index, pad)
+                local = take_shard(full, pl.dim, index, pad).clone()
         _set(mod, leaf, full, local)
         modified = True
     return PassResult(gm, modified)
