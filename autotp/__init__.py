@@ -3,7 +3,7 @@
     sharded = autotp.shard(model, world_size=4, example_inputs=(ids,))
     print(autotp.plan(model, world_size=4, example_inputs=(ids,)).summary())
 """
-from . import checkpoint
+from . import checkpoint  # noqa: F401  (autotp.checkpoint.save / load)
 from .api import ShardConfig, ShardedModule, plan, shard
 from .capture import CaptureError, capture
 from .loss import vocab_parallel_cross_entropy

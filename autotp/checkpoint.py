@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import warnings
 
 import torch
@@ -52,26 +51,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from .placements import Placement, Replicate, Shard, shard_index
+from .placements import Placement, Shard, pad_zeros, parse_placement, shard_index, take_shard
 
 __all__ = ["save", "load", "full_state_dict", "export_hf"]
 
 FORMAT = 1  # bump when the stored layout changes; load refuses newer formats
 _META = "autotp"
-_PLACEMENT = re.compile(r"^S\((\d+)(?:,chunks=(\d+))?\)$")
 
 
 # ----------------------------------------------------------------------------- layout
-
-
-def _placement(text: str) -> Placement:
-    """``"R"`` / ``"S(1)"`` / ``"S(1,chunks=3)"`` (the plan's strings) -> a placement."""
-    if text == "R":
-        return Replicate()
-    m = _PLACEMENT.match(text)
-    if not m:
-        raise ValueError(f"unknown parameter placement {text!r} in the plan (expected R, S(d) or S(d,chunks=P))")
-    return Shard(int(m.group(1)), int(m.group(2) or 1))
 
 
 def _stored_shape(global_shape: list[int], pl: Placement) -> list[int]:
@@ -142,23 +130,13 @@ class _Layout:
             return t
         if pl.chunks > 1:
             return t.reshape(local_shape)  # (..., P, block, ...) -> (..., P * block, ...)
-        return _pad(t, pl.dim, local_shape[pl.dim] - t.shape[pl.dim])
+        return pad_zeros(t, pl.dim, local_shape[pl.dim] - t.shape[pl.dim])
 
     def cut(self, full: torch.Tensor, pl: Placement) -> torch.Tensor:
         """This rank's local tensor cut from the global one (where the stored form changed)."""
         if not isinstance(pl, Shard):
             return full
-        index, pad = shard_index(full.shape[pl.dim], self.world, self.rank, pl.chunks)
-        return _pad(full.index_select(pl.dim, index), pl.dim, pad)
-
-
-def _pad(t: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
-    """``t`` with ``pad`` zero rows appended along ``dim`` (autotp's padded ``S(d)``)."""
-    if not pad:
-        return t
-    shape = list(t.shape)
-    shape[dim] = pad
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+        return take_shard(full, pl.dim, *shard_index(full.shape[pl.dim], self.world, self.rank, pl.chunks))
 
 
 def _entries(sharded) -> dict[str, tuple[torch.Tensor, dict]]:
@@ -184,7 +162,7 @@ def _device(entries) -> torch.device:
 def _fingerprint(entries) -> dict[str, dict]:
     return {name: {"placement": info["placement"], "global_shape": [int(s) for s in info["global_shape"]],
                    "dtype": str(t.dtype).replace("torch.", ""),
-                   "stored_shape": _stored_shape([int(s) for s in info["global_shape"]], _placement(info["placement"]))}
+                   "stored_shape": _stored_shape([int(s) for s in info["global_shape"]], parse_placement(info["placement"]))}
             for name, (t, info) in entries.items()}
 
 
@@ -255,7 +233,7 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
             "parameters": _fingerprint(entries), "optimizer": None}
     model_sd = {}
     for name, (t, info) in entries.items():
-        model_sd[name] = layout.to_stored(t.detach(), _placement(info["placement"]),
+        model_sd[name] = layout.to_stored(t.detach(), parse_placement(info["placement"]),
                                           [int(s) for s in info["global_shape"]])
     state_dict = {"model": model_sd}
     if optimizer is not None:
@@ -267,7 +245,7 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
                 if p not in optimizer.state:
                     continue
                 info = entries[name][1]
-                pl = _placement(info["placement"])
+                pl = parse_placement(info["placement"])
                 st, kd = {}, {}
                 for key, value in optimizer.state[p].items():
                     kind = _state_kind(key, value, params[name], pl, name)
@@ -374,12 +352,12 @@ def load(path, sharded, optimizer: torch.optim.Optimizer | None = None) -> dict:
         t, info = entries[name]
         if saved[name]["stored_shape"] == here[name]["stored_shape"]:
             return layout.to_stored(torch.zeros(t.shape, dtype=dtype, device=t.device),
-                                    _placement(info["placement"]), here[name]["global_shape"])
+                                    parse_placement(info["placement"]), here[name]["global_shape"])
         return torch.zeros(saved[name]["stored_shape"], dtype=dtype, device=t.device)
 
     def local(name: str, loaded) -> torch.Tensor:
         t, info = entries[name]
-        pl = _placement(info["placement"])
+        pl = parse_placement(info["placement"])
         if saved[name]["stored_shape"] == here[name]["stored_shape"]:
             return layout.from_stored(loaded, pl, list(t.shape))
         return layout.cut(loaded.reshape(here[name]["global_shape"]), pl)
@@ -458,7 +436,7 @@ def full_state_dict(sharded) -> dict[str, torch.Tensor]:
     out = {}
     for name, (t, info) in entries.items():
         shape = [int(s) for s in info["global_shape"]]
-        stored = layout.to_stored(t.detach(), _placement(info["placement"]), shape)
+        stored = layout.to_stored(t.detach(), parse_placement(info["placement"]), shape)
         if isinstance(stored, DTensor):
             stored = stored.full_tensor()
         out[name] = stored.reshape(shape).clone()

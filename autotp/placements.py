@@ -24,11 +24,13 @@ pair); the analysis decides that.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "shard_index", "local_size", "take_shard"]
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "shard_index", "local_size", "take_shard", "pad_zeros",
+           "parse_placement"]
 
 
 class Placement:
@@ -107,14 +109,34 @@ def shard_index(global_size: int, world_size: int, rank: int, chunks: int = 1) -
 
 
 
+def pad_zeros(t: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
+    """``t`` with ``pad`` zero rows appended along ``dim`` (the tail of a padded ``Shard``)."""
+    if not pad:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def take_shard(t: torch.Tensor, dim: int, index: torch.Tensor, pad: int) -> torch.Tensor:
     """``t``'s rows ``index`` along ``dim`` (a view when they are contiguous), plus ``pad`` zero rows."""
     if len(index) and bool((index[1:] - index[:-1] == 1).all()):
         out = t.narrow(dim, int(index[0]), len(index))
     else:
         out = t.index_select(dim, index.to(t.device))
-    if pad:
-        shape = list(out.shape)
-        shape[dim] = pad
-        out = torch.cat([out, out.new_zeros(shape)], dim=dim)
-    return out
+    return pad_zeros(out, dim, pad)
+
+
+_PLACEMENT = re.compile(r"^S\((\d+)(?:,chunks=(\d+))?\)$")
+
+
+def parse_placement(text: str) -> Placement:
+    """The inverse of ``repr``: ``"R"`` / ``"P"`` / ``"S(1)"`` / ``"S(1,chunks=3)"`` (as plans print them)."""
+    if text == "R":
+        return Replicate()
+    if text == "P":
+        return Partial()
+    m = _PLACEMENT.match(text)
+    if not m:
+        raise ValueError(f"unknown placement {text!r} (expected R, P, S(d) or S(d,chunks=P))")
+    return Shard(int(m.group(1)), int(m.group(2) or 1))

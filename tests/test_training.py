@@ -17,20 +17,12 @@ from distributed import run_ranks
 
 def _narrow(t: torch.Tensor, placement: str, world: int, rank: int) -> torch.Tensor:
     """The reference tensor cut the way autotp shards it (zero rows appended for padding)."""
-    from autotp.placements import shard_index
+    from autotp.placements import Shard, parse_placement, shard_index, take_shard
 
-    if not placement.startswith("S"):
+    pl = parse_placement(placement)
+    if not isinstance(pl, Shard):
         return t
-    inside = placement[2:-1].split(",")
-    dim = int(inside[0])
-    chunks = int(inside[1].split("=")[1]) if len(inside) > 1 else 1
-    idx, pad = shard_index(t.shape[dim], world, rank, chunks)
-    out = t.index_select(dim, idx)
-    if pad:
-        shape = list(out.shape)
-        shape[dim] = pad
-        out = torch.cat([out, out.new_zeros(shape)], dim)
-    return out
+    return take_shard(t, pl.dim, *shard_index(t.shape[pl.dim], world, rank, pl.chunks))
 
 
 def _grad_errors(sharded, model, world, rank):
