@@ -162,7 +162,7 @@ def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tu
     ctx = dict(analysis=analysis, rank=rank, world_size=world, group=group, load=load)
     gm = P.run_passes(gm, [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
                            P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout,
-                           P.shard_parameters], **ctx)
+                           P.fuse_column_backward, P.shard_parameters], **ctx)
     if config.activation_checkpointing:
         gm = P.run_passes(gm, [P.checkpoint_blocks], **ctx)
     drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident

@@ -27,7 +27,7 @@ from torch import nn
 from .placements import shard_index, take_shard
 
 __all__ = [
-    "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout", "TPAttention",
+    "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout", "TPAttention", "ColumnLinear",
     "init_process_group_from_env", "resolve_group",
 ]
 
@@ -106,6 +106,53 @@ class _SliceFn(torch.autograd.Function):
     def backward(ctx, grad):
         dim, chunks, size, group = ctx.args
         return _gather(grad, dim, chunks, size, group), None, None, None
+
+
+class _ColumnLinearFn(torch.autograd.Function):
+    """y = x·Wᵀ + b (``out_in``) or b + x·W; backward overlaps the all-reduce of dx with dW, db."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, out_in, group):
+        ctx.save_for_backward(x, w)
+        ctx.args = (out_in, group, b is not None)
+        if out_in:
+            return torch.nn.functional.linear(x, w, b)
+        y = x.matmul(w)
+        return y + b if b is not None else y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        out_in, group, has_bias = ctx.args
+        # under autocast the forward ran in a lower precision: do the backward matmuls in g's dtype
+        # and hand each gradient back in its input's dtype
+        wg, xg = w.to(g.dtype), x.to(g.dtype)
+        work = dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (g.matmul(wg) if out_in else g.matmul(wg.t())).to(x.dtype).contiguous()
+            work = dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        g2, x2 = g.reshape(-1, g.shape[-1]), xg.reshape(-1, xg.shape[-1])
+        dw = (g2.t().matmul(x2) if out_in else x2.t().matmul(g2)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0).to(w.dtype) if has_bias and ctx.needs_input_grad[2] else None
+        if work is not None:
+            work.wait()
+        return dx, dw, db, None, None
+
+
+class ColumnLinear(nn.Module):
+    """A column-parallel linear fused with its ``CopyToRegion``: forward is the plain linear;
+    backward all-reduces the input gradient asynchronously while the weight gradient is computed."""
+
+    def __init__(self, group=None, *, weight_is_out_in: bool = True):
+        super().__init__()
+        self.group, self.out_in = group, weight_is_out_in
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if _world(self.group) == 1 or not torch.is_grad_enabled():
+            if self.out_in:
+                return torch.nn.functional.linear(x, w, b)
+            return torch.addmm(b, x, w) if b is not None else x.matmul(w)
+        return _ColumnLinearFn.apply(x, w, b, self.out_in, self.group)
 
 
 class _Collective(nn.Module):

@@ -7,6 +7,7 @@ pattern does not match.
 """
 from .base import PassResult, run_passes
 from .find_linear_seeds import find_linear_seeds
+from .fuse_column_backward import fuse_column_backward
 from .find_vocab_embeddings import find_vocab_embeddings
 from .checkpoint_blocks import checkpoint_blocks
 from .drop_metadata_asserts import drop_metadata_asserts
@@ -21,5 +22,6 @@ from .shard_parameters import shard_parameters
 __all__ = [
     "PassResult", "run_passes", "find_linear_seeds", "find_vocab_embeddings", "drop_metadata_asserts",
     "insert_redistributions", "localize_shapes", "lower_row_bias", "lower_vocab_embedding",
-    "lower_vocab_cross_entropy", "lower_dropout", "checkpoint_blocks", "shard_parameters",
+    "lower_vocab_cross_entropy", "lower_dropout", "checkpoint_blocks",
+    "fuse_column_backward", "shard_parameters",
 ]

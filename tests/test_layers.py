@@ -214,7 +214,10 @@ class _RecordGelu(fx.Interpreter):
 def _between_linears(sm, x) -> dict:
     """Where the lowered graph communicates, relative to the two linears, and the GeLU's local shape."""
     nodes = list(sm.module.graph.nodes)
-    linears = [i for i, n in enumerate(nodes) if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
+    from autotp.runtime import ColumnLinear  # a column linear fused with its input-gradient all-reduce
+
+    linears = [i for i, n in enumerate(nodes) if (n.op == "call_function" and n.target is torch.ops.aten.linear.default)
+               or (n.op == "call_module" and isinstance(sm.module.get_submodule(n.target), ColumnLinear))]
     collectives = [i for i, n in enumerate(nodes) if n.op == "call_module"
                    and isinstance(sm.module.get_submodule(n.target), (AllReduce, AllGather))]
     between = [nodes[i].name for i in collectives if linears and linears[0] < i < linears[-1]]
