@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 
 from .capture import get_attr
 from .placements import Partial, Placement, Replicate, Shard
-from .rules import Ctx, Decision, Unsupported, is_tensor_node, param_of, rule_for, tensor_inputs
+from .rules import Ctx, Decision, Unsupported, is_tensor_node, linear_weight, param_of, rule_for, tensor_inputs
 
 R = Replicate()
 MAX_ROUNDS = 32
@@ -88,8 +88,6 @@ def _escape_ok(seed: Node, tied: set[str], at_output: bool) -> bool:
     widening projection (an untied LM head) may when its shard is gathered only to be
     returned.  Both are worth a gather for the memory they save; anything else is not.
     """
-    from .rules import linear_weight
-
     found = linear_weight(seed)
     if found is None:
         return False
