@@ -15,6 +15,12 @@ class PassError(RuntimeError):
     pass
 
 
+def nodes_with_role(gm: GraphModule, analysis, role: str) -> list[tuple[int, object]]:
+    """``(position, node)`` of every node the analysis gave ``role``; a snapshot, so the pass may edit the graph."""
+    return [(i, n) for i, n in enumerate(list(gm.graph.nodes))
+            if (d := analysis.decisions.get(n)) is not None and d.role == role]
+
+
 def replace_with_module(gm: GraphModule, node, name: str, module, args: tuple):
     """Swap ``node`` for a ``call_module`` of ``module`` (registered as ``name``) on ``args``."""
     gm.add_submodule(name, module)

@@ -16,16 +16,15 @@ from torch.fx import GraphModule
 from autotp.rules import linear_bias, linear_weight
 from autotp.runtime import ColumnLinear, CopyToRegion
 
-from .base import PassResult, replace_with_module
+from .base import PassResult, nodes_with_role, replace_with_module
 
 aten = torch.ops.aten
 
 
 def fuse_column_backward(gm: GraphModule, *, analysis, group, **_) -> PassResult:
     modified = False
-    for i, node in enumerate(list(gm.graph.nodes)):
-        dec = analysis.decisions.get(node)
-        if dec is None or dec.role != "column" or node.target not in (aten.linear.default, aten.addmm.default):
+    for i, node in nodes_with_role(gm, analysis, "column"):
+        if node.target not in (aten.linear.default, aten.addmm.default):
             continue
         sig, w, _, _ = linear_weight(node)
         copy = node.args[sig.x]

@@ -8,21 +8,18 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from autotp.placements import Partial
+from autotp.placements import Partial, Replicate
 from autotp.rules import linear_bias, linear_weight
 from autotp.runtime import AllReduce
 
-from .base import PassResult
+from .base import PassResult, nodes_with_role
 
 aten = torch.ops.aten
 
 
 def lower_row_bias(gm: GraphModule, *, analysis, group, **_) -> PassResult:
     modified = False
-    for i, node in enumerate(list(gm.graph.nodes)):
-        dec = analysis.decisions.get(node)
-        if dec is None or dec.role != "row_bias":
-            continue
+    for i, node in nodes_with_role(gm, analysis, "row_bias"):
         sig, w, _, _ = linear_weight(node)
         b = linear_bias(node, sig)
         x, wt = node.args[sig.x], node.args[sig.w]
@@ -40,8 +37,8 @@ def lower_row_bias(gm: GraphModule, *, analysis, group, **_) -> PassResult:
         for n in (mm, red, out):
             n.meta["val"] = node.meta.get("val")
         mm.meta["autotp"] = {"placement": Partial(), "why": "row-parallel matmul: partial sum"}
-        red.meta["autotp"] = {"placement": dec.out, "why": "all_reduce: P -> R (row-parallel output)"}
-        out.meta["autotp"] = {"placement": dec.out, "why": "row-parallel bias, added once"}
+        red.meta["autotp"] = {"placement": Replicate(), "why": "all_reduce: P -> R (row-parallel output)"}
+        out.meta["autotp"] = {"placement": Replicate(), "why": "row-parallel bias, added once"}
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         modified = True

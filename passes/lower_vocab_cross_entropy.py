@@ -9,7 +9,7 @@ from torch.fx import GraphModule
 
 from autotp.loss import VocabParallelCrossEntropy
 
-from .base import PassResult, replace_with_module
+from .base import PassResult, nodes_with_role, replace_with_module
 
 # aten.cross_entropy_loss(self, target, weight=None, reduction=Mean, ignore_index=-100, label_smoothing=0.0)
 _DEFAULTS = {"reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
@@ -17,10 +17,7 @@ _DEFAULTS = {"reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
 
 def lower_vocab_cross_entropy(gm: GraphModule, *, analysis, group, **_) -> PassResult:
     modified = False
-    for i, node in enumerate(list(gm.graph.nodes)):
-        dec = analysis.decisions.get(node)
-        if dec is None or dec.role != "vocab_ce":
-            continue
+    for i, node in nodes_with_role(gm, analysis, "vocab_ce"):
         logits, target = node.args[:2]
         opts = dict(_DEFAULTS)
         for k, v in zip(("reduction", "ignore_index", "label_smoothing"), node.args[3:]):

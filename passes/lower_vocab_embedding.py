@@ -13,15 +13,12 @@ from torch.fx import GraphModule
 
 from autotp.runtime import VocabParallelEmbedding
 
-from .base import PassResult, replace_with_module
+from .base import PassResult, nodes_with_role, replace_with_module
 
 
 def lower_vocab_embedding(gm: GraphModule, *, analysis, rank: int, world_size: int, **_) -> PassResult:
     modified = False
-    for i, node in enumerate(list(gm.graph.nodes)):
-        dec = analysis.decisions.get(node)
-        if dec is None or dec.role != "vocab":
-            continue
+    for i, node in nodes_with_role(gm, analysis, "vocab"):
         w, ids = node.args[:2]
         vocab = int(w.meta["val"].shape[0])
         rows = math.ceil(vocab / world_size)
