@@ -2,14 +2,17 @@
 
     sharded = autotp.shard(model, world_size=4, example_inputs=(ids,))
     print(autotp.plan(model, world_size=4, example_inputs=(ids,)).summary())
+    lm = autotp.shard_for_generation(hf_causal_lm, world_size=4); lm.generate(...)
 """
 from . import checkpoint  # noqa: F401  (autotp.checkpoint.save / load)
 from .api import ShardConfig, ShardedModule, plan, shard
 from .capture import CaptureError, capture
+from .generation import shard_for_generation
 from .loss import vocab_parallel_cross_entropy
 from .placements import Partial, Replicate, Shard
 from .plan import Plan
 
 __all__ = ["shard", "plan", "Plan", "ShardConfig", "ShardedModule", "capture", "CaptureError",
-           "Replicate", "Shard", "Partial", "vocab_parallel_cross_entropy"]
+           "Replicate", "Shard", "Partial", "vocab_parallel_cross_entropy",
+           "shard_for_generation"]
 __version__ = "0.1.0"

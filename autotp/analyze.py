@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
 
 from .capture import get_attr
 from .placements import Partial, Placement, Replicate, Shard
@@ -112,23 +113,28 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
                 out |= origins.get(x, frozenset())
         return out
 
+    n_inputs = 0
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            pl[node] = R if is_tensor_node(node) else None
+            pl[node] = ctx.input_placements.get(n_inputs, R) if is_tensor_node(node) else None
+            n_inputs += 1
             continue
         if node.op == "get_attr":
             pl[node] = None
             continue
         if node.op == "output":
             ins = {}
-            for x in tensor_inputs(node):
+            for i, x in enumerate(pytree.tree_leaves(node.args[0])):
+                if not is_tensor_node(x):
+                    continue
                 p = pl.get(x)
-                if isinstance(p, Shard):
+                local = i in ctx.local_outputs
+                if isinstance(p, Shard) and not local:
                     bad = frozenset(o for o in origins.get(x, ()) if not _escape_ok(o, tied, at_output=True))
                     if bad:
                         failures.append(Failure(node, bad, "a sharded value reaches the output", None))
                 if p is not None:
-                    ins[x] = p if (isinstance(p, Shard) and not ctx.gather_outputs) else R
+                    ins[x] = p if (isinstance(p, Shard) and (local or not ctx.gather_outputs)) else R
             decisions[node] = Decision(None, ins, why="outputs are replicated" if ctx.gather_outputs else
                                        "outputs: partial sums reduced, shards left local")
             continue
@@ -155,10 +161,19 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
 
 
 def analyze(gm: GraphModule, world_size: int, *, column_seeds: list[Node], vocab_seeds: list[Node],
-            strict: bool = False, gather_outputs: bool = True) -> Analysis:
-    """Run the fixpoint and record redistributions. See the module docstring."""
+            strict: bool = False, gather_outputs: bool = True, input_placements: dict[int, Placement] | None = None,
+            local_outputs: set[int] | frozenset = frozenset()) -> Analysis:
+    """Run the fixpoint and record redistributions. See the module docstring.
+
+    ``input_placements`` declares the placement of flat graph inputs by position (default
+    ``Replicate``): a KV cache passed back in holds each rank's heads, ``Shard(1)``.
+    ``local_outputs`` lists flat output positions returned as each rank's shard (the KV
+    cache going out) rather than gathered.
+    """
     ctx = Ctx(world_size, {})
     ctx.gather_outputs = gather_outputs
+    ctx.input_placements = dict(input_placements or {})
+    ctx.local_outputs = frozenset(local_outputs)
     ctx.column_seeds = {s: 1 for s in column_seeds}
     ctx.vocab_seeds = set(vocab_seeds)
     vocab_weights = {n.args[0].target for n in vocab_seeds}

@@ -134,6 +134,19 @@ def check_same_inputs(args, kwargs, group) -> None:
         )
 
 
+def lower(gm, analysis: Analysis, *, rank: int, world_size: int, group, config: ShardConfig, load=None,
+          shared: dict | None = None):
+    """Run the lowering pipeline on an analyzed graph: this rank's module (see ``passes/``)."""
+    ctx = dict(analysis=analysis, rank=rank, world_size=world_size, group=group, load=load, shared=shared)
+    gm = P.run_passes(gm, [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
+                           P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout,
+                           P.fuse_column_backward, P.shard_parameters], **ctx)
+    if config.activation_checkpointing:
+        gm = P.run_passes(gm, [P.checkpoint_blocks], **ctx)
+    drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident
+    return gm
+
+
 def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tuple = (),
           example_kwargs: dict | None = None, group=None, config: ShardConfig | None = None,
           load=None, **options) -> ShardedModule:
@@ -159,13 +172,7 @@ def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tu
     gm, analysis, timings = _analyze(model, world, example_inputs, example_kwargs, config)
     t0 = time.perf_counter()
     the_plan = build_plan(analysis)
-    ctx = dict(analysis=analysis, rank=rank, world_size=world, group=group, load=load)
-    gm = P.run_passes(gm, [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
-                           P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout,
-                           P.fuse_column_backward, P.shard_parameters], **ctx)
-    if config.activation_checkpointing:
-        gm = P.run_passes(gm, [P.checkpoint_blocks], **ctx)
-    drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident
+    gm = lower(gm, analysis, rank=rank, world_size=world, group=group, config=config, load=load)
     timings["lower_s"] = time.perf_counter() - t0
     sharded = ShardedModule(gm, the_plan, analysis, rank=rank, world_size=world, group=group, config=config,
                             timings=timings)

@@ -69,6 +69,8 @@ class Ctx:
         self.vocab_seeds: set[Node] = set()
         self.reduced: set[Node] = set()  # partial sums with several users: all-reduced once, at the source
         self.gather_outputs = True
+        self.input_placements: dict[int, Placement] = {}  # flat input position -> declared placement
+        self.local_outputs: frozenset[int] = frozenset()  # flat output positions left as each rank's shard
 
     def pl(self, x: Any) -> Placement | None:
         """Placement of an argument; ``None`` for parameters (placed on demand) and non-tensors."""
@@ -623,8 +625,18 @@ def rule_cross_entropy(ctx: Ctx, node: Node) -> Decision:
 
 
 def rule_ignore(ctx: Ctx, node: Node) -> Decision:
-    """Metadata asserts: accept any placement (lowering drops them)."""
+    """Metadata asserts and export's input guards: accept any placement (lowering drops the
+    asserts, and the guards where they read a shard)."""
     return Decision(None, {}, why="metadata check (dropped)")
+
+
+def rule_sym_size(ctx: Ctx, node: Node) -> Decision:
+    """sym_size(x, d): a shard's size on any dim but the sharded one is the global size."""
+    x, d = node.args[0], node.args[1]
+    p = ctx.pl(x)
+    if isinstance(p, Shard) and _norm(d, len(ctx.shape(x))) == p.dim:
+        raise Unsupported("size of the sharded dim")
+    return Decision(None, {x: p} if isinstance(p, Shard) else {x: R}, why="size of an unsharded dim")
 
 
 # --------------------------------------------------------------------------- tables
@@ -664,6 +676,8 @@ RULES.update({
     aten.embedding: rule_embedding,
     aten.cross_entropy_loss: rule_cross_entropy,
     aten._assert_tensor_metadata: rule_ignore,
+    "_guards_fn": rule_ignore,  # Matches torch.export's input-guard module call
+    aten.sym_size: rule_sym_size,
     operator.getitem: rule_getitem,
 })
 

@@ -4,10 +4,12 @@
  -> h = all_reduce(masked_embedding(E_r[V/n, H], ids - start_r))
 
 An embedding qualifies when its ids come from a user input (through views or
-casts only: position ids computed with ``arange`` do not) and its table is a
-vocabulary -- at least as many rows as columns -- or is shared with a linear
-(a tied LM head).  Small tables such as BERT's token types stay replicated:
-splitting them would cost an all-reduce for no memory.
+casts only: position ids computed with ``arange`` do not) and its table is
+shared with a linear (a tied LM head) or is the vocabulary: the largest table
+looked up with user ids, with at least as many rows as columns.  Small tables
+such as BERT's token types, or a position table when the caller passes
+position ids (as ``generate`` does), stay replicated: their all-reduce per
+call would cost more than the memory it saves.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _from_user_input(x) -> bool:
 
 def find_vocab_embeddings(gm: GraphModule, *, world_size: int) -> list[Node]:
     shared = {linear_weight(n)[1].target for n in gm.graph.nodes if linear_weight(n) is not None}
-    out = []
+    found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != aten.embedding.default:
             continue
@@ -44,6 +46,7 @@ def find_vocab_embeddings(gm: GraphModule, *, world_size: int) -> list[Node]:
         if not (isinstance(w, Node) and w.op == "get_attr") or not _from_user_input(ids):
             continue
         rows, cols = w.meta["val"].shape
-        if rows >= world_size and (rows >= cols or w.target in shared):
-            out.append(node)
-    return out
+        if rows >= world_size:
+            found.append((node, w.target, rows, cols))
+    largest = max((rows for _, _, rows, _ in found), default=0)
+    return [node for node, target, rows, cols in found if target in shared or (rows == largest and rows >= cols)]

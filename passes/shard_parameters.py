@@ -3,9 +3,14 @@
     W[out, in]  with S(0, chunks)   ->   W_r[out / n, in]   (a copy: the full tensor is not kept)
     b[out]      with R              ->   b.clone()
 
-``load`` (optional) supplies a slice without the full tensor in memory --
-``load(name, dim, index, pad)`` -- for shard-on-load; by default the slice is
-cut from the tensor the module holds.
+``load`` (optional) supplies a tensor without the full one in memory --
+``load(name, dim, index, pad)`` returns a slice of a sharded parameter, and
+``load(name, None, None, 0)`` a replicated one whole -- for shard-on-load; by
+default the slice is cut from the tensor the module holds.
+
+``shared`` (optional, a dict) lets several graphs captured from one model (a
+generation model's prefill and decode steps) hold the *same* local tensors:
+keyed by the original tensor, filled by the first graph, reused by the next.
 """
 from __future__ import annotations
 
@@ -26,18 +31,37 @@ def _owner(gm: nn.Module, target: str):
     return mod, leaf
 
 
-def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, load=None, **_) -> PassResult:
+def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, load=None, shared: dict | None = None,
+                     **_) -> PassResult:
     modified = False
     for target, pl in analysis.param_placements.items():
         mod, leaf = _owner(gm, target)
         full = getattr(mod, leaf)
+        if shared is not None and id(full) in shared:
+            done_pl, local = shared[id(full)]
+            if done_pl != pl:
+                raise ValueError(f"parameter {target} was placed {done_pl} in one captured graph and {pl} in another")
+            _set_shared(mod, leaf, local)
+            modified = True
+            continue
+        key = id(full)
         if not isinstance(pl, Shard):
+            own = load(target, None, None, 0) if load is not None else None
+            if own is not None:
+                _set(mod, leaf, full, own)
+            elif isinstance(full, torch.Tensor) and full.device.type == "meta":
+                raise ValueError(
+                    f"tensor {target} is on the meta device: autotp.shard needs real weights "
+                    "(or a `load` callback / autotp.from_pretrained for shard-on-load)"
+                )
             # a replicated tensor is copied too: the sharded module owns its parameters (their
             # .grad and optimizer updates never reach the user's model or another sharded copy)
-            if isinstance(full, torch.Tensor) and full.device.type != "meta":
+            elif isinstance(full, torch.Tensor):
                 with torch.no_grad():
                     own = full.detach().clone()
                 _set(mod, leaf, full, own)
+            if shared is not None:
+                shared[key] = (pl, getattr(mod, leaf))
             continue
         index, pad = shard_index(full.shape[pl.dim], world_size, rank, pl.chunks)
         if load is not None:
@@ -51,8 +75,20 @@ def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, l
             with torch.no_grad():
                 local = take_shard(full, pl.dim, index, pad).clone()
         _set(mod, leaf, full, local)
+        if shared is not None:
+            shared[key] = (pl, getattr(mod, leaf))
         modified = True
     return PassResult(gm, modified)
+
+
+def _set_shared(mod: nn.Module, leaf: str, local) -> None:
+    if isinstance(local, nn.Parameter):
+        mod._buffers.pop(leaf, None)
+        mod._parameters[leaf] = local
+    elif leaf in mod._buffers or not hasattr(mod, leaf):
+        mod._buffers[leaf] = local
+    else:
+        setattr(mod, leaf, local)
 
 
 def _set(mod: nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor) -> None:

@@ -1,0 +1,313 @@
+"""Generation on a sharded model: ``generate()`` with a KV cache sharded by heads.
+
+A Hugging Face model's cache is a Python object (``DynamicCache``) that the
+model mutates, so it cannot be a graph input as it is.  autotp captures the
+model's *generation step* instead, with the cache as explicit tensors::
+
+    step(input_ids, attention_mask, position_ids, past=(k_0, v_0, ..., k_{n-1}, v_{n-1}))
+        -> (logits of the last position, k'_0, v'_0, ..., k'_{n-1}, v'_{n-1})
+
+where ``k'_i = cat(k_i, new keys)``.  Two graphs are captured, both with
+dynamic batch and sequence: *prefill* (no past) and *decode* (past of any
+length >= 1).  Both go through the same analysis as ``autotp.shard``; the
+decode graph declares its past inputs with the placements the prefill graph's
+present outputs have -- ``Shard(1)``, the heads dim, wherever the attention is
+head-parallel -- and both return the cache as each rank's shard
+(``local_outputs``), so a rank caches only its heads: 1/world_size of the
+unsharded cache, and nothing about the cache is ever communicated.  The two
+graphs share one set of local parameters.
+
+The result is the model's own class with ``forward`` replaced
+(``ShardedForGeneration``): Hugging Face's ``generate`` runs on it unchanged --
+greedy, sampling, beam search (its ``reorder_cache`` index-selects the local
+shards along the batch dim), left padding -- and every rank takes identical
+decisions because the logits it sees are the same all-gathered tensor.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import time
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+import autotp.passes as P
+
+from .analyze import analyze
+from .api import ShardConfig, check_same_inputs, lower
+from .capture import _canonicalize_attributes, CaptureError, _user_frame
+from .placements import Partial, Replicate, Shard
+from .plan import build_plan
+from .runtime import resolve_group
+
+__all__ = ["shard_for_generation", "ShardedForGeneration", "CausalLMStep"]
+
+
+def _cache_classes():
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+    return Cache, DynamicCache, DynamicLayer
+
+
+def _step_layer_class():
+    _, _, DynamicLayer = _cache_classes()
+
+    class StepLayer(DynamicLayer):
+        """A cache layer whose first ``update`` stores the states as they are (no ``cat`` with an
+        empty tensor, which would put a constant in the graph)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.device = key_states.device
+                self.keys, self.values, self.is_initialized = key_states, value_states, True
+                return self.keys, self.values
+            return super().update(key_states, value_states)
+
+    return StepLayer
+
+
+def _num_layers(config) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for name in ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"):
+        n = getattr(text, name, None)
+        if isinstance(n, int):
+            return n
+    raise ValueError(f"cannot tell the number of layers of {type(config).__name__}: it has no num_hidden_layers")
+
+
+class CausalLMStep(nn.Module):
+    """One generation step of a causal LM with the KV cache as tensors (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, num_layers: int, last_logits_only: bool):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.last_logits_only = last_logits_only
+
+    def forward(self, input_ids, attention_mask, position_ids, past=()):
+        Cache, DynamicCache, _ = _cache_classes()
+        StepLayer = _step_layer_class()
+        layers = [StepLayer() for _ in range(self.num_layers)]
+        for i, layer in enumerate(layers[: len(past) // 2]):
+            layer.update(past[2 * i], past[2 * i + 1])
+        cache = DynamicCache.__new__(DynamicCache)
+        Cache.__init__(cache, layers=layers)
+        kwargs = {"logits_to_keep": 1} if self.last_logits_only else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
+        logits = out.logits if self.last_logits_only else out.logits[:, -1:]
+        present = []
+        for layer in cache.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)
+
+
+def _export(module, args, dynamic_shapes):
+    """Export with the given dims; a dim the model constrains (GPT-Neo's sequence must lie in
+    [2, max_position_embeddings)) is retried as ``Dim.AUTO``, which takes the model's range."""
+    try:
+        try:
+            ep = torch.export.export(module, args, strict=False, dynamic_shapes=dynamic_shapes)
+        except Exception as e:
+            found = re.search(r"Constraints violated \(([^)]*)\)", str(e))
+            if found is None:
+                raise
+            names = {n.strip() for n in found.group(1).split(",")}
+            relaxed = pytree.tree_map(lambda d: Dim.AUTO if getattr(d, "__name__", None) in names else d,
+                                      dynamic_shapes, is_leaf=lambda d: not isinstance(d, (dict, tuple, list)))
+            ep = torch.export.export(module, args, strict=False, dynamic_shapes=relaxed)
+    except Exception as e:
+        raise CaptureError(
+            f"could not capture the generation step of {type(module.model).__name__} with torch.export "
+            f"(non-strict): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{_user_frame(e)}\n"
+            "  what to try: autotp.shard(model, ..., example_kwargs={'use_cache': False}) shards the forward "
+            "without a cache"
+        ) from e
+    gm = ep.module()
+    del ep
+    _canonicalize_attributes(gm)
+    return gm
+
+
+def capture_steps(model: nn.Module, *, example_batch: int = 2, example_prompt: int = 4, example_past: int = 5):
+    """Capture the prefill and decode steps of a causal LM. Returns ``(prefill_gm, decode_gm, num_layers)``."""
+    import inspect
+
+    n = _num_layers(model.config)
+    accepts = inspect.signature(model.forward).parameters
+    step = CausalLMStep(model, n, "logits_to_keep" in accepts)
+    device = next(model.parameters()).device
+    batch, seq, past_len = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
+    ids = torch.zeros(example_batch, example_prompt, dtype=torch.long, device=device)
+    mask = torch.ones(example_batch, example_prompt, dtype=torch.long, device=device)
+    pos, pos_spec = None, None
+    if "position_ids" in accepts:  # a tensor of its own: export would alias two inputs that are one tensor
+        pos = torch.arange(example_prompt, device=device).repeat(example_batch, 1)
+        pos_spec = {0: batch, 1: seq}
+    prefill = _export(step, (ids, mask, pos), ({0: batch, 1: seq}, {0: batch, 1: seq}, pos_spec))
+    present = [x.meta["val"] for x in _output_leaves(prefill)[1:]]
+    if len(present) != 2 * n or any(v.dim() != 4 for v in present):
+        raise CaptureError(f"{type(model).__name__}: expected {n} layers of [batch, heads, seq, head_dim] keys and "
+                           f"values in its cache, got {[tuple(v.shape) for v in present]}")
+    past = tuple(torch.zeros(example_batch, int(v.shape[1]), example_past, int(v.shape[3]), dtype=v.dtype,
+                             device=device) for v in present)
+    mask = torch.ones(example_batch, example_past + example_prompt, dtype=torch.long, device=device)
+    decode = _export(step, (ids, mask, pos, past),
+                     ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, pos_spec, tuple({0: batch, 2: past_len} for _ in past)))
+    return prefill, decode, n, pos is not None
+
+
+def _output_leaves(gm) -> list:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return pytree.tree_leaves(out.args[0])
+
+
+def _final_placement(analysis, x):
+    p = analysis.decisions[_output_node(analysis.graph_module)].inputs.get(x, analysis.placements.get(x))
+    return Replicate() if isinstance(p, Partial) else p
+
+
+def _output_node(gm):
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+class GenerationSteps(nn.Module):
+    """This rank's lowered prefill and decode graphs (sharing parameters) and their plans."""
+
+    def __init__(self, prefill, decode, plans: dict, cache_placements: list, timings: dict, uses_positions: bool):
+        super().__init__()
+        self.uses_positions = uses_positions
+        self.prefill = prefill
+        self.decode = decode
+        self.plans = plans
+        self.cache_placements = cache_placements
+        self.timings = timings
+
+
+def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: ShardConfig, load=None):
+    """Capture, analyze and lower the generation steps of ``model`` for one rank."""
+    t0 = time.perf_counter()
+    prefill, decode, n, uses_positions = capture_steps(model)
+    t1 = time.perf_counter()
+    cache_out = set(range(1, 1 + 2 * n))
+    a_pre = analyze(prefill, world_size, column_seeds=P.find_linear_seeds(prefill, world_size=world_size),
+                    vocab_seeds=P.find_vocab_embeddings(prefill, world_size=world_size), strict=config.strict,
+                    local_outputs=cache_out)
+    cache_pl = [_final_placement(a_pre, x) for x in _output_leaves(prefill)[1:]]
+    a_dec = analyze(decode, world_size, column_seeds=P.find_linear_seeds(decode, world_size=world_size),
+                    vocab_seeds=P.find_vocab_embeddings(decode, world_size=world_size), strict=config.strict,
+                    input_placements={2 + uses_positions + i: p for i, p in enumerate(cache_pl)},
+                    local_outputs=cache_out)
+    dec_pl = [_final_placement(a_dec, x) for x in _output_leaves(decode)[1:]]
+    if dec_pl != cache_pl:
+        raise AssertionError(f"decode step returns its cache as {dec_pl} but prefill as {cache_pl}")
+    t2 = time.perf_counter()
+    plans = {"prefill": build_plan(a_pre), "decode": build_plan(a_dec)}
+    shared: dict = {}
+    prefill = lower(prefill, a_pre, rank=rank, world_size=world_size, group=group, config=config, load=load,
+                    shared=shared)
+    decode = lower(decode, a_dec, rank=rank, world_size=world_size, group=group, config=config, load=load,
+                   shared=shared)
+    timings = {"capture_s": t1 - t0, "analyze_s": t2 - t1, "lower_s": time.perf_counter() - t2}
+    return GenerationSteps(prefill, decode, plans, cache_pl, timings, uses_positions)
+
+
+class ShardedForGeneration:
+    """Mixed in before a Hugging Face model class: ``forward`` runs this rank's lowered steps.
+
+    Everything else -- ``generate``, ``prepare_inputs_for_generation``, ``config``,
+    ``generation_config``, ``device``, ``can_generate`` -- is the model class's own.
+    ``forward`` returns the *last position's* logits (all that generation reads);
+    use ``autotp.shard`` for whole-sequence logits.
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                use_cache=True, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in ("output_attentions",
+                                                                                          "output_hidden_states"))
+        if unsupported:
+            raise ValueError(f"the sharded generation model takes input_ids, attention_mask and cache; got also "
+                             f"{unsupported}. Drop them, or use autotp.shard(model, ...) for other forward arguments")
+        if input_ids is None:
+            raise ValueError("the sharded generation model needs input_ids")
+        _, DynamicCache, DynamicLayer = _cache_classes()
+        cache = cache if cache is not None else past_key_values
+        if cache is None:
+            cache = DynamicCache()
+        if attention_mask is None:
+            past_len = cache.get_seq_length()
+            attention_mask = torch.ones(input_ids.shape[0], past_len + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
+        steps = self.autotp_steps
+        if not steps.uses_positions:
+            position_ids = None
+        elif position_ids is None:  # as the model makes them (generate passes its own, padding-aware)
+            start = cache.get_seq_length()
+            position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+        if not self._autotp_checked:
+            check_same_inputs((input_ids, attention_mask, position_ids), {}, self.autotp_group)
+            self._autotp_checked = True
+        n = len(steps.cache_placements) // 2
+        if cache.get_seq_length() == 0:
+            out = steps.prefill(input_ids, attention_mask, position_ids)
+        else:
+            past = []
+            for layer in cache.layers[:n]:
+                past += [layer.keys, layer.values]
+            out = steps.decode(input_ids, attention_mask, position_ids, tuple(past))
+        logits, present = out[0], out[1:]
+        if len(cache.layers) != n or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            cache.layers = [DynamicLayer() for _ in range(n)]  # plain layers: windows are applied by the mask
+        for i, layer in enumerate(cache.layers):
+            layer.keys, layer.values = present[2 * i], present[2 * i + 1]
+            layer.device, layer.is_initialized = layer.keys.device, True
+        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+
+
+def shard_for_generation(model: nn.Module, world_size: int | None = None, *, group=None,
+                         config: ShardConfig | None = None, load=None, **options):
+    """Shard a Hugging Face causal LM for ``generate()`` and return this rank's model.
+
+    Call it on every rank (under torchrun, or inside ``autotp.parallelize``'s workers).
+
+    Args:
+        model: a Hugging Face ``...ForCausalLM`` (any model whose forward takes ``input_ids``,
+            ``attention_mask`` and a ``cache``); parameters may be on ``meta`` when ``load`` is given.
+        world_size: the TP degree; must equal the group's size.
+        group: the process group (default: the world).
+        config / options: a ``ShardConfig`` or its fields (``strict=True``).
+        load: ``load(name, dim, index, pad)`` for shard-on-load (see ``autotp.from_pretrained``).
+
+    Returns:
+        An instance of the model's own class (``generate``, ``config``... work as usual) whose
+        forward runs this rank's shards; ``.autotp_steps.plans`` holds the prefill and decode plans.
+    """
+    config = config or ShardConfig(**options)
+    group, world, rank = resolve_group(world_size, group)
+    was_training = model.training
+    model.eval()
+    try:
+        steps = build_steps(model, world, rank, group, config=config, load=load)
+    finally:
+        model.train(was_training)
+    cls = type(model)
+    shell_cls = type(f"AutoTP{cls.__name__}", (ShardedForGeneration, cls), {"__module__": __name__})
+    shell = shell_cls.__new__(shell_cls)
+    nn.Module.__init__(shell)
+    for name, value in vars(model).items():  # config, generation_config and the class's plain attributes
+        if not name.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor)):
+            object.__setattr__(shell, name, copy.copy(value) if name == "generation_config" else value)
+    shell.config = model.config
+    shell.autotp_steps = steps
+    shell.autotp_group = group
+    shell.autotp_rank, shell.autotp_world_size = rank, world
+    shell._autotp_checked = not config.check_inputs or world == 1
+    for m in shell.modules():  # inference: dropout off (the lowered graphs' dropouts follow .training)
+        m.training = False
+    return shell
