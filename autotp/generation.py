@@ -38,12 +38,13 @@ import autotp.passes as P
 
 from .analyze import analyze
 from .api import ShardConfig, check_same_inputs, lower
-from .capture import _canonicalize_attributes, CaptureError, _user_frame
-from .placements import Partial, Replicate, Shard
+from .capture import CaptureError, _canonicalize_attributes, _user_frame, get_attr
+from .placements import Partial, Replicate
 from .plan import build_plan
 from .runtime import resolve_group
 
-__all__ = ["shard_for_generation", "ShardedForGeneration", "CausalLMStep"]
+__all__ = ["shard_for_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
+           "Seq2SeqStep"]
 
 
 def _cache_classes():
@@ -77,6 +78,25 @@ def _num_layers(config) -> int:
     raise ValueError(f"cannot tell the number of layers of {type(config).__name__}: it has no num_hidden_layers")
 
 
+def _step_cache(num_layers: int, past: tuple):
+    """A ``DynamicCache`` of ``num_layers`` step layers holding ``past`` = (k_0, v_0, k_1, v_1, ...)."""
+    Cache, DynamicCache, _ = _cache_classes()
+    StepLayer = _step_layer_class()
+    layers = [StepLayer() for _ in range(num_layers)]
+    for i, layer in enumerate(layers[: len(past) // 2]):
+        layer.update(past[2 * i], past[2 * i + 1])
+    cache = DynamicCache.__new__(DynamicCache)
+    Cache.__init__(cache, layers=layers)
+    return cache
+
+
+def _flat(cache) -> list:
+    out = []
+    for layer in cache.layers:
+        out += [layer.keys, layer.values]
+    return out
+
+
 class CausalLMStep(nn.Module):
     """One generation step of a causal LM with the KV cache as tensors (see the module docstring)."""
 
@@ -87,22 +107,53 @@ class CausalLMStep(nn.Module):
         self.last_logits_only = last_logits_only
 
     def forward(self, input_ids, attention_mask, position_ids, past=()):
-        Cache, DynamicCache, _ = _cache_classes()
-        StepLayer = _step_layer_class()
-        layers = [StepLayer() for _ in range(self.num_layers)]
-        for i, layer in enumerate(layers[: len(past) // 2]):
-            layer.update(past[2 * i], past[2 * i + 1])
-        cache = DynamicCache.__new__(DynamicCache)
-        Cache.__init__(cache, layers=layers)
+        cache = _step_cache(self.num_layers, past)
         kwargs = {"logits_to_keep": 1} if self.last_logits_only else {}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
         logits = out.logits if self.last_logits_only else out.logits[:, -1:]
-        present = []
-        for layer in cache.layers:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
+        return (logits, *_flat(cache))
+
+
+class Seq2SeqStep(nn.Module):
+    """One decoder step of an encoder-decoder model (T5)::
+
+        (decoder_input_ids, encoder_hidden_states, attention_mask, past=(self k/v..., cross k/v...))
+            -> (last logits, self k'/v'...,  cross k/v... on the first step only)
+
+    The cross-attention keys and values are computed once, on the first step, and
+    passed back in afterwards (Hugging Face's ``is_updated``)."""
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, past=()):
+        from transformers.cache_utils import EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        n = self.num_layers
+        cache = EncoderDecoderCache(_step_cache(n, past[: 2 * n]), _step_cache(n, past[2 * n:]))
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+                         attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, cache=cache,
+                         use_cache=True)
+        present = _flat(cache.self_attention_cache)
+        if not past:
+            present += _flat(cache.cross_attention_cache)
+        return (out.logits[:, -1:], *present)
+
+
+class EncoderStep(nn.Module):
+    """An encoder-decoder model's encoder: ``(input_ids, attention_mask) -> last_hidden_state``."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
 
 def _export(module, args, dynamic_shapes):
@@ -132,32 +183,62 @@ def _export(module, args, dynamic_shapes):
     return gm
 
 
+def _check_present(model, present, n_layers: int, what: str) -> None:
+    if any(v.dim() != 4 for v in present) or len(present) != 2 * n_layers:
+        raise CaptureError(f"{type(model).__name__}: expected {n_layers} layers of [batch, heads, seq, head_dim] "
+                           f"{what} keys and values, got {[tuple(v.shape) for v in present]}")
+
+
+def _zeros_like_cache(present, batch: int, length: int, device) -> tuple:
+    return tuple(torch.zeros(batch, int(v.shape[1]), length, int(v.shape[3]), dtype=v.dtype, device=device)
+                 for v in present)
+
+
 def capture_steps(model: nn.Module, *, example_batch: int = 2, example_prompt: int = 4, example_past: int = 5):
-    """Capture the prefill and decode steps of a causal LM. Returns ``(prefill_gm, decode_gm, num_layers)``."""
+    """Capture the generation steps of ``model``.
+
+    Returns ``(encoder_gm or None, prefill_gm, decode_gm, num_layers, past_at)`` where
+    ``past_at`` is the flat input position of the first cache tensor in the decode step.
+    """
     import inspect
 
     n = _num_layers(model.config)
-    accepts = inspect.signature(model.forward).parameters
-    step = CausalLMStep(model, n, "logits_to_keep" in accepts)
     device = next(model.parameters()).device
     batch, seq, past_len = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
     ids = torch.zeros(example_batch, example_prompt, dtype=torch.long, device=device)
     mask = torch.ones(example_batch, example_prompt, dtype=torch.long, device=device)
+    if getattr(model.config, "is_encoder_decoder", False):
+        src = Dim("source", min=1)
+        encoder = _export(EncoderStep(model.get_encoder()), (ids, mask), ({0: batch, 1: src}, {0: batch, 1: src}))
+        hidden = _output_leaves(encoder)[0].meta["val"]
+        enc_h = torch.zeros(example_batch, example_prompt, int(hidden.shape[-1]), dtype=hidden.dtype, device=device)
+        step = Seq2SeqStep(model, n)
+        dec_ids = ids[:, :2].clone()
+        specs = ({0: batch, 1: seq}, {0: batch, 1: src}, {0: batch, 1: src})
+        prefill = _export(step, (dec_ids, enc_h, mask), specs)
+        present = [x.meta["val"] for x in _output_leaves(prefill)[1:]]
+        _check_present(model, present[: 2 * n], n, "self-attention")
+        _check_present(model, present[2 * n:], n, "cross-attention")
+        past = (_zeros_like_cache(present[: 2 * n], example_batch, example_past, device)
+                + _zeros_like_cache(present[2 * n:], example_batch, example_prompt, device))
+        past_specs = tuple({0: batch, 2: past_len} for _ in range(2 * n)) + tuple({0: batch, 2: src}
+                                                                                  for _ in range(2 * n))
+        decode = _export(step, (dec_ids[:, :1].clone(), enc_h, mask, past), ({0: batch}, *specs[1:], past_specs))
+        return encoder, prefill, decode, n, 3
+    accepts = inspect.signature(model.forward).parameters
+    step = CausalLMStep(model, n, "logits_to_keep" in accepts)
     pos, pos_spec = None, None
     if "position_ids" in accepts:  # a tensor of its own: export would alias two inputs that are one tensor
         pos = torch.arange(example_prompt, device=device).repeat(example_batch, 1)
         pos_spec = {0: batch, 1: seq}
     prefill = _export(step, (ids, mask, pos), ({0: batch, 1: seq}, {0: batch, 1: seq}, pos_spec))
     present = [x.meta["val"] for x in _output_leaves(prefill)[1:]]
-    if len(present) != 2 * n or any(v.dim() != 4 for v in present):
-        raise CaptureError(f"{type(model).__name__}: expected {n} layers of [batch, heads, seq, head_dim] keys and "
-                           f"values in its cache, got {[tuple(v.shape) for v in present]}")
-    past = tuple(torch.zeros(example_batch, int(v.shape[1]), example_past, int(v.shape[3]), dtype=v.dtype,
-                             device=device) for v in present)
+    _check_present(model, present, n, "self-attention")
+    past = _zeros_like_cache(present, example_batch, example_past, device)
     mask = torch.ones(example_batch, example_past + example_prompt, dtype=torch.long, device=device)
     decode = _export(step, (ids, mask, pos, past),
                      ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, pos_spec, tuple({0: batch, 2: past_len} for _ in past)))
-    return prefill, decode, n, pos is not None
+    return None, prefill, decode, n, 2 + (pos is not None)
 
 
 def _output_leaves(gm) -> list:
@@ -175,44 +256,62 @@ def _output_node(gm):
 
 
 class GenerationSteps(nn.Module):
-    """This rank's lowered prefill and decode graphs (sharing parameters) and their plans."""
+    """This rank's lowered graphs (sharing parameters) and their plans.
 
-    def __init__(self, prefill, decode, plans: dict, cache_placements: list, timings: dict, uses_positions: bool):
+    ``prefill`` / ``decode``: the decoder steps; ``encoder``: an encoder-decoder model's
+    encoder (else ``None``); ``cache_placements``: the placement of each cache tensor the
+    prefill step returns (self-attention keys and values, then cross-attention ones)."""
+
+    def __init__(self, encoder, prefill, decode, *, plans: dict, cache_placements: list, num_layers: int,
+                 uses_positions: bool, timings: dict):
         super().__init__()
-        self.uses_positions = uses_positions
+        self.encoder = encoder
         self.prefill = prefill
         self.decode = decode
         self.plans = plans
         self.cache_placements = cache_placements
+        self.num_layers = num_layers
+        self.uses_positions = uses_positions
         self.timings = timings
+
+
+def _analyze_graph(gm, world_size: int, config: ShardConfig, **kwargs):
+    return analyze(gm, world_size, column_seeds=P.find_linear_seeds(gm, world_size=world_size),
+                   vocab_seeds=P.find_vocab_embeddings(gm, world_size=world_size), strict=config.strict, **kwargs)
 
 
 def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: ShardConfig, load=None):
     """Capture, analyze and lower the generation steps of ``model`` for one rank."""
     t0 = time.perf_counter()
-    prefill, decode, n, uses_positions = capture_steps(model)
+    encoder, prefill, decode, n, past_at = capture_steps(model)
     t1 = time.perf_counter()
-    cache_out = set(range(1, 1 + 2 * n))
-    a_pre = analyze(prefill, world_size, column_seeds=P.find_linear_seeds(prefill, world_size=world_size),
-                    vocab_seeds=P.find_vocab_embeddings(prefill, world_size=world_size), strict=config.strict,
-                    local_outputs=cache_out)
+    n_pre = len(_output_leaves(prefill)) - 1  # self (and cross) keys and values
+    a_pre = _analyze_graph(prefill, world_size, config, local_outputs=set(range(1, 1 + n_pre)))
     cache_pl = [_final_placement(a_pre, x) for x in _output_leaves(prefill)[1:]]
-    a_dec = analyze(decode, world_size, column_seeds=P.find_linear_seeds(decode, world_size=world_size),
-                    vocab_seeds=P.find_vocab_embeddings(decode, world_size=world_size), strict=config.strict,
-                    input_placements={2 + uses_positions + i: p for i, p in enumerate(cache_pl)},
-                    local_outputs=cache_out)
+    a_dec = _analyze_graph(decode, world_size, config, input_placements={past_at + i: p for i, p in enumerate(cache_pl)},
+                           local_outputs=set(range(1, 1 + 2 * n)))
     dec_pl = [_final_placement(a_dec, x) for x in _output_leaves(decode)[1:]]
-    if dec_pl != cache_pl:
-        raise AssertionError(f"decode step returns its cache as {dec_pl} but prefill as {cache_pl}")
+    if dec_pl != cache_pl[: 2 * n]:
+        raise AssertionError(f"decode step returns its cache as {dec_pl} but prefill as {cache_pl[:2 * n]}")
+    graphs = {"prefill": (prefill, a_pre), "decode": (decode, a_dec)}
+    if encoder is not None:
+        graphs["encoder"] = (encoder, _analyze_graph(encoder, world_size, config))
     t2 = time.perf_counter()
-    plans = {"prefill": build_plan(a_pre), "decode": build_plan(a_dec)}
+    plans = {name: build_plan(a) for name, (_, a) in graphs.items()}
     shared: dict = {}
-    prefill = lower(prefill, a_pre, rank=rank, world_size=world_size, group=group, config=config, load=load,
-                    shared=shared)
-    decode = lower(decode, a_dec, rank=rank, world_size=world_size, group=group, config=config, load=load,
-                   shared=shared)
+    names = {}  # graph attribute -> the model's own name (the step wrappers add a prefix)
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
+
+    def load_for(gm):
+        return None if load is None else (lambda target, *a: load(names[id(get_attr(gm, target))], *a))
+
+    lowered = {name: lower(gm, a, rank=rank, world_size=world_size, group=group, config=config, load=load_for(gm),
+                           shared=shared) for name, (gm, a) in graphs.items()}
     timings = {"capture_s": t1 - t0, "analyze_s": t2 - t1, "lower_s": time.perf_counter() - t2}
-    return GenerationSteps(prefill, decode, plans, cache_pl, timings, uses_positions)
+    return GenerationSteps(lowered.get("encoder"), lowered["prefill"], lowered["decode"], plans=plans,
+                           cache_placements=cache_pl, num_layers=n, uses_positions=past_at == 3 and encoder is None,
+                           timings=timings)
 
 
 class ShardedForGeneration:
@@ -228,11 +327,7 @@ class ShardedForGeneration:
                 use_cache=True, return_dict=True, **kwargs):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in ("output_attentions",
-                                                                                          "output_hidden_states"))
-        if unsupported:
-            raise ValueError(f"the sharded generation model takes input_ids, attention_mask and cache; got also "
-                             f"{unsupported}. Drop them, or use autotp.shard(model, ...) for other forward arguments")
+        _reject_unsupported(kwargs)
         if input_ids is None:
             raise ValueError("the sharded generation model needs input_ids")
         _, DynamicCache, DynamicLayer = _cache_classes()
@@ -250,24 +345,94 @@ class ShardedForGeneration:
             start = cache.get_seq_length()
             position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
-        if not self._autotp_checked:
-            check_same_inputs((input_ids, attention_mask, position_ids), {}, self.autotp_group)
-            self._autotp_checked = True
-        n = len(steps.cache_placements) // 2
+        self._check_inputs((input_ids, attention_mask, position_ids))
+        n = steps.num_layers
         if cache.get_seq_length() == 0:
             out = steps.prefill(input_ids, attention_mask, position_ids)
         else:
-            past = []
-            for layer in cache.layers[:n]:
-                past += [layer.keys, layer.values]
-            out = steps.decode(input_ids, attention_mask, position_ids, tuple(past))
-        logits, present = out[0], out[1:]
-        if len(cache.layers) != n or any(type(layer) is not DynamicLayer for layer in cache.layers):
-            cache.layers = [DynamicLayer() for _ in range(n)]  # plain layers: windows are applied by the mask
-        for i, layer in enumerate(cache.layers):
-            layer.keys, layer.values = present[2 * i], present[2 * i + 1]
-            layer.device, layer.is_initialized = layer.keys.device, True
-        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+            out = steps.decode(input_ids, attention_mask, position_ids, tuple(_flat(cache)[: 2 * n]))
+        _store(cache, out[1:], n, DynamicLayer)
+        return CausalLMOutputWithPast(logits=out[0], cache=cache if use_cache else None)
+
+    def _check_inputs(self, tensors: tuple) -> None:
+        """On the first call, check every rank got the same inputs (see ``ShardConfig.check_inputs``)."""
+        if not self._autotp_checked:
+            check_same_inputs(tuple(t for t in tensors if t is not None), {}, self.autotp_group)
+            self._autotp_checked = True
+
+
+class _ShardedEncoder(nn.Module):
+    """What ``get_encoder()`` returns: runs this rank's lowered encoder graph."""
+
+    def __init__(self, graph, owner):
+        super().__init__()
+        self.graph = graph
+        self._owner = [owner]  # not a submodule: no cycle in .modules()
+
+    def forward(self, input_ids=None, attention_mask=None, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if input_ids is None:
+            raise ValueError("the sharded encoder needs input_ids (inputs_embeds is not supported)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._owner[0]._check_inputs((input_ids, attention_mask))
+        return BaseModelOutput(last_hidden_state=self.graph(input_ids, attention_mask))
+
+
+class ShardedSeq2SeqForGeneration(ShardedForGeneration):
+    """The encoder-decoder variant (T5): ``get_encoder()`` runs the sharded encoder once per
+    ``generate``, and ``forward`` runs the decoder steps with an ``EncoderDecoderCache`` whose
+    self- and cross-attention layers hold this rank's heads."""
+
+    def get_encoder(self, *args, **kwargs):
+        return self.autotp_encoder
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, encoder_outputs=None, cache=None,
+                past_key_values=None, use_cache=True, return_dict=True, **kwargs):
+        from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+        from transformers.modeling_outputs import Seq2SeqLMOutput
+
+        _reject_unsupported(kwargs)
+        if decoder_input_ids is None:
+            raise ValueError("the sharded generation model needs decoder_input_ids (generate() passes them)")
+        if encoder_outputs is None:
+            encoder_outputs = self.autotp_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        cache = cache if cache is not None else past_key_values
+        if cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self._check_inputs((decoder_input_ids, hidden, attention_mask))
+        steps, n = self.autotp_steps, self.autotp_steps.num_layers
+        if cache.self_attention_cache.get_seq_length() == 0:
+            out = steps.prefill(decoder_input_ids, hidden, attention_mask)
+            _store(cache.cross_attention_cache, out[1 + 2 * n:], n, DynamicLayer)
+            for i in range(n):
+                cache.is_updated[i] = True
+        else:
+            past = _flat(cache.self_attention_cache)[: 2 * n] + _flat(cache.cross_attention_cache)[: 2 * n]
+            out = steps.decode(decoder_input_ids, hidden, attention_mask, tuple(past))
+        _store(cache.self_attention_cache, out[1: 1 + 2 * n], n, DynamicLayer)
+        return Seq2SeqLMOutput(logits=out[0], cache=cache if use_cache else None, encoder_last_hidden_state=hidden)
+
+
+def _reject_unsupported(kwargs: dict) -> None:
+    unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in ("output_attentions",
+                                                                                      "output_hidden_states"))
+    if unsupported:
+        raise ValueError(f"the sharded generation model takes token ids, attention masks and a cache; got also "
+                         f"{unsupported}. Drop them, or use autotp.shard(model, ...) for other forward arguments")
+
+
+def _store(cache, present, n: int, layer_cls) -> None:
+    """Put a step's returned keys and values into ``cache`` (plain layers: a window is the mask's job)."""
+    if len(cache.layers) != n or any(type(layer) is not layer_cls for layer in cache.layers):
+        cache.layers = [layer_cls() for _ in range(n)]
+    for i, layer in enumerate(cache.layers):
+        layer.keys, layer.values = present[2 * i], present[2 * i + 1]
+        layer.device, layer.is_initialized = layer.keys.device, True
 
 
 def shard_for_generation(model: nn.Module, world_size: int | None = None, *, group=None,
@@ -297,7 +462,8 @@ def shard_for_generation(model: nn.Module, world_size: int | None = None, *, gro
     finally:
         model.train(was_training)
     cls = type(model)
-    shell_cls = type(f"AutoTP{cls.__name__}", (ShardedForGeneration, cls), {"__module__": __name__})
+    mixin = ShardedSeq2SeqForGeneration if steps.encoder is not None else ShardedForGeneration
+    shell_cls = type(f"AutoTP{cls.__name__}", (mixin, cls), {"__module__": __name__})
     shell = shell_cls.__new__(shell_cls)
     nn.Module.__init__(shell)
     for name, value in vars(model).items():  # config, generation_config and the class's plain attributes
@@ -305,6 +471,8 @@ def shard_for_generation(model: nn.Module, world_size: int | None = None, *, gro
             object.__setattr__(shell, name, copy.copy(value) if name == "generation_config" else value)
     shell.config = model.config
     shell.autotp_steps = steps
+    if steps.encoder is not None:
+        shell.autotp_encoder = _ShardedEncoder(steps.encoder, shell)
     shell.autotp_group = group
     shell.autotp_rank, shell.autotp_world_size = rank, world
     shell._autotp_checked = not config.check_inputs or world == 1
