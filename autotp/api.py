@@ -15,6 +15,7 @@ from .analyze import Analysis, analyze
 from .capture import capture, drop_unused_attributes
 from .plan import Plan, build_plan
 from .runtime import resolve_group
+from .samehost import enable_same_host_collectives
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,9 @@ class ShardConfig:
             only read the loss, it saves the ``[batch, seq, vocab]`` all-gather.
         activation_checkpointing: recompute each transformer block (each element of a module
             list) in backward instead of storing its activations.
+        same_host_collectives: when every rank runs on this host (CPU ranks, gloo), take the
+            forward all-reduces and all-gathers through shared memory (``autotp.samehost``):
+            microseconds instead of gloo's ~1 ms each. Ignored where it does not apply.
     """
 
     strict: bool = False
@@ -40,6 +44,7 @@ class ShardConfig:
     check_inputs: bool = True
     gather_outputs: bool = True
     activation_checkpointing: bool = False
+    same_host_collectives: bool = False
 
 
 def _analyze(model, world_size, example_inputs, example_kwargs, config: ShardConfig):
@@ -169,6 +174,8 @@ def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tu
     """
     config = config or ShardConfig(**options)
     group, world, rank = resolve_group(world_size, group)
+    if config.same_host_collectives:
+        enable_same_host_collectives(group)
     gm, analysis, timings = _analyze(model, world, example_inputs, example_kwargs, config)
     t0 = time.perf_counter()
     the_plan = build_plan(analysis)

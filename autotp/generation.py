@@ -42,6 +42,7 @@ from .capture import CaptureError, _canonicalize_attributes, _user_frame, get_at
 from .placements import Partial, Replicate
 from .plan import build_plan
 from .runtime import resolve_group
+from .samehost import enable_same_host_collectives
 
 __all__ = ["shard_for_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
            "Seq2SeqStep"]
@@ -455,6 +456,8 @@ def shard_for_generation(model: nn.Module, world_size: int | None = None, *, gro
     """
     config = config or ShardConfig(**options)
     group, world, rank = resolve_group(world_size, group)
+    if config.same_host_collectives:
+        enable_same_host_collectives(group)
     was_training = model.training
     model.eval()
     try:

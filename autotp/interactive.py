@@ -119,7 +119,8 @@ def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype |
         timeout_s: longest a call may take before the workers are stopped and it raises.
         tmpdir: where a model object is written for the workers to load (default: the
             system's temporary directory); deleted as soon as they have loaded it.
-        options: ``ShardConfig`` fields (``strict=True``...).
+        options: ``ShardConfig`` fields (``strict=True``...); ``same_host_collectives`` defaults
+            to True here (shared-memory all-reduces between the workers).
 
     Returns:
         A ``Parallelized`` handle: ``.generate(...)``, ``.forward(...)``, ``.plans``, ``.close()``.
@@ -150,6 +151,7 @@ def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype |
     else:
         raise TypeError(f"autotp.parallelize takes a Hugging Face model (with save_pretrained) or a checkpoint "
                         f"path, got {type(model).__name__}; for other modules use autotp.shard under torchrun")
+    options.setdefault("same_host_collectives", True)  # the workers are on this host by construction
     payload = {"path": path, "dtype": dtype, "options": options}
     try:
         pool = WorkerPool(world_size, _Rank, payload, backend=backend, timeout_s=timeout_s)

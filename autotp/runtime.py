@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .placements import shard_index, take_shard
+from .samehost import comm_for
 
 __all__ = [
     "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout", "TPAttention", "ColumnLinear",
@@ -40,17 +41,28 @@ def _rank(group) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous().clone()
+def _all_reduce_(x: torch.Tensor, group) -> torch.Tensor:
+    """In-place sum over the group: through shared memory where enabled (``autotp.samehost``)."""
+    comm = comm_for(group)
+    if comm is not None:
+        return comm.all_reduce_(x)
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce_(x.contiguous().clone(), group)
 
 
 def _gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, group) -> torch.Tensor:
     """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout."""
     world = _world(group)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    comm = comm_for(group)
+    if comm is not None:
+        parts = comm.all_gather(x)
+    else:
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
     if chunks == 1:
         full = torch.cat(parts, dim=dim)
         return full.narrow(dim, 0, global_size) if full.shape[dim] != global_size else full
@@ -176,8 +188,7 @@ class AllReduce(_Collective):
         if self.world_size == 1:
             return x
         if not torch.is_grad_enabled() and x.is_contiguous():
-            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
-            return x
+            return _all_reduce_(x, self.group)
         return _AllReduceFn.apply(x, self.group)
 
 
