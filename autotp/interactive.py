@@ -14,6 +14,7 @@ seed's docker trouble), no hangs (a worker that raises or dies becomes a
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -92,13 +93,7 @@ class Parallelized:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        self.close()  # (dropping the handle closes too: the pool closes itself when collected or at exit)
 
     def __repr__(self) -> str:
         return f"Parallelized({type(self.config).__name__}, world_size={self.pool.world_size}, alive={self.pool.alive})"
@@ -153,8 +148,11 @@ def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype |
                         f"path, got {type(model).__name__}; for other modules use autotp.shard under torchrun")
     options.setdefault("same_host_collectives", True)  # the workers are on this host by construction
     payload = {"path": path, "dtype": dtype, "options": options}
+    # the host's cores split between the workers, unless the user chose a thread count
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        pool = WorkerPool(world_size, _Rank, payload, backend=backend, timeout_s=timeout_s)
+        pool = WorkerPool(world_size, _Rank, payload, backend=backend, timeout_s=timeout_s,
+                          env={"OMP_NUM_THREADS": threads})
     finally:  # the workers have read their slices once the pool is up: the copy is no longer needed
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

@@ -91,10 +91,10 @@ class SafetensorsReader:
         row = torch.empty((), dtype=dtype).element_size() * math.prod(shape[dim + 1:])
         out = torch.empty((*shape[:dim], len(index), *shape[dim + 1:]), dtype=dtype)
         dst = out.view(torch.uint8).numpy().reshape(outer, len(index) * row) if out.numel() else None
-        reads = []
+        reads, runs = [], _runs(index)
         for o in range(outer if dst is not None else 0):
             at = 0
-            for a, b in _runs(index):
+            for a, b in runs:
                 reads.append((start + (o * n + a) * row, dst[o, at * row: (at + b - a) * row]))
                 at += b - a
         self._pread(file, reads)
