@@ -298,11 +298,14 @@ def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: 
     if encoder is not None:
         graphs["encoder"] = (encoder, _analyze_graph(encoder, world_size, config))
     t2 = time.perf_counter()
-    plans = {name: build_plan(a) for name, (_, a) in graphs.items()}
-    shared: dict = {}
     names = {}  # graph attribute -> the model's own name (the step wrappers add a prefix)
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         names.setdefault(id(t), name)
+    plans = {}
+    for name, (gm, a) in graphs.items():
+        plans[name] = build_plan(a)
+        plans[name].parameters = {names.get(id(get_attr(gm, t)), t): v for t, v in plans[name].parameters.items()}
+    shared: dict = {}
 
     def load_for(gm):
         return None if load is None else (lambda target, *a: load(names[id(get_attr(gm, target))], *a))
