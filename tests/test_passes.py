@@ -166,3 +166,36 @@ def test_gather_outputs_false_leaves_logits_local():
     local = autotp.plan(model, 2, (ids,), kw, config=autotp.ShardConfig(gather_outputs=False))
     assert full.counts("forward") == {"all_reduce": 5, "all_gather": 1}  # embedding 1 + layer 2 + loss 2
     assert local.counts("forward") == {"all_reduce": 5}
+
+
+def test_generation_steps_keep_the_cache_sharded_by_heads():
+    """The decode graph declares its past K/V with the prefill's present placements (heads,
+    Shard(1)); nothing gathers them, and the step's plan is 2 all-reduces per layer + 1."""
+    import transformers
+
+    from autotp.generation import _analyze_graph, _final_placement, _output_leaves, capture_steps
+    from autotp.placements import Replicate
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64,
+                                                                 vocab_size=128)).eval()
+    config = autotp.ShardConfig()
+    _, prefill, decode, n, past_at = capture_steps(model)
+    assert (n, past_at) == (2, 3)  # input_ids, attention_mask, position_ids, then the past
+    a_pre = _analyze_graph(prefill, 2, config, local_outputs=set(range(1, 5)))
+    cache = [_final_placement(a_pre, x) for x in _output_leaves(prefill)[1:]]
+    assert cache == [Shard(1)] * 4
+    a_dec = _analyze_graph(decode, 2, config, input_placements={3 + i: p for i, p in enumerate(cache)},
+                           local_outputs=set(range(1, 5)))
+    past = [x for x in decode.graph.nodes if x.op == "placeholder"][3:]
+    assert not [r for r in a_dec.redistributions if r.src in past]  # the cache is never communicated
+    assert [_final_placement(a_dec, x) for x in _output_leaves(decode)[1:]] == cache
+    from autotp.plan import build_plan
+
+    assert build_plan(a_dec).counts("forward") == {"all_reduce": 5, "all_gather": 1}
+    # position ids come from the caller here, yet the position table stays replicated
+    wpe = next(n for n in decode.graph.nodes if n.op == "get_attr" and n.target.endswith("wpe.weight"))
+    assert a_dec.param_placements[wpe.target] == Replicate()
+    # without the declaration the past would be taken as replicated and sliced: the check can fail
+    plain = _analyze_graph(decode, 2, config, local_outputs=set(range(1, 5)))
+    assert [r for r in plain.redistributions if r.src in past]
