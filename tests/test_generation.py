@@ -17,9 +17,9 @@ from model_cases import CASES, VOCAB
 NEW = 8
 
 
-def _prompts():
+def _prompts(vocab=VOCAB):
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, VOCAB, (3, 9), generator=g)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     mask[2, :6] = 0
@@ -48,7 +48,7 @@ def _case(rank, world, build_name):
     torch.manual_seed(0)
     ref = build()
     tp = autotp.shard_for_generation(ref, world)
-    ids, mask = _prompts()
+    ids, mask = _prompts(ref.config.vocab_size)
     out = {}
     for mode, kw in MODES.items():
         want = _generate(ref, ids, mask, **kw)
@@ -89,7 +89,8 @@ BUILDERS = {c.name: c.build for c in CASES}
 # (case, world size, all-reduces of one decode step: 2 per layer -- 3 per T5 decoder layer, with
 # its cross-attention -- + 1 for the vocab-parallel embedding)
 GEN_CASES = [("M2_gpt2", 2, 5), ("M3_llama_untied", 2, 5), ("M6_opt_pre_ln", 2, 5), ("M7_gpt_neo", 2, 5),
-             ("M8_t5", 2, 7), ("M3_llama_untied", 4, 5)]
+             ("M8_t5", 2, 7), ("M3_llama_untied", 4, 5),
+             ("M9_uneven_gpt2", 2, 5)]  # vocab 99: padded to 100 and trimmed in the logits gather
 
 
 @pytest.mark.parametrize("name,world,step_all_reduce", GEN_CASES, ids=[f"{n}-tp{w}" for n, w, _ in GEN_CASES])
