@@ -7,7 +7,7 @@
 from . import checkpoint  # noqa: F401  (autotp.checkpoint.save / load)
 from .api import ShardConfig, ShardedModule, plan, shard
 from .capture import CaptureError, capture
-from .generation import shard_for_generation
+from .generation import plan_generation, shard_for_generation
 from .pretrained import from_pretrained
 from .interactive import Parallelized, parallelize
 from .launch import WorkerError
@@ -17,5 +17,5 @@ from .plan import Plan
 
 __all__ = ["shard", "plan", "Plan", "ShardConfig", "ShardedModule", "capture", "CaptureError",
            "Replicate", "Shard", "Partial", "vocab_parallel_cross_entropy",
-           "shard_for_generation", "from_pretrained", "parallelize", "Parallelized", "WorkerError"]
+           "shard_for_generation", "plan_generation", "from_pretrained", "parallelize", "Parallelized", "WorkerError"]
 __version__ = "0.1.0"

@@ -44,7 +44,7 @@ from .plan import build_plan
 from .runtime import resolve_group
 from .samehost import enable_same_host_collectives
 
-__all__ = ["shard_for_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
+__all__ = ["shard_for_generation", "plan_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
            "Seq2SeqStep"]
 
 
@@ -281,8 +281,9 @@ def _analyze_graph(gm, world_size: int, config: ShardConfig, **kwargs):
                    vocab_seeds=P.find_vocab_embeddings(gm, world_size=world_size), strict=config.strict, **kwargs)
 
 
-def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: ShardConfig, load=None):
-    """Capture, analyze and lower the generation steps of ``model`` for one rank."""
+def _analyze_steps(model: nn.Module, world_size: int, config: ShardConfig):
+    """Capture and analyze the generation steps: ``(graphs {name: (gm, analysis)}, cache placements,
+    num_layers, past_at, timings)``."""
     t0 = time.perf_counter()
     encoder, prefill, decode, n, past_at = capture_steps(model)
     t1 = time.perf_counter()
@@ -297,7 +298,11 @@ def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: 
     graphs = {"prefill": (prefill, a_pre), "decode": (decode, a_dec)}
     if encoder is not None:
         graphs["encoder"] = (encoder, _analyze_graph(encoder, world_size, config))
-    t2 = time.perf_counter()
+    return graphs, cache_pl, n, past_at, {"capture_s": t1 - t0, "analyze_s": time.perf_counter() - t1}
+
+
+def _plans(model: nn.Module, graphs: dict) -> tuple[dict, dict]:
+    """The plan of each graph, parameters named as ``model`` names them; and that naming."""
     names = {}  # graph attribute -> the model's own name (the step wrappers add a prefix)
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         names.setdefault(id(t), name)
@@ -305,6 +310,31 @@ def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: 
     for name, (gm, a) in graphs.items():
         plans[name] = build_plan(a)
         plans[name].parameters = {names.get(id(get_attr(gm, t)), t): v for t, v in plans[name].parameters.items()}
+    return plans, names
+
+
+def plan_generation(model: nn.Module, world_size: int, *, config: ShardConfig | None = None, **options) -> dict:
+    """What ``shard_for_generation`` would do over ``world_size`` ranks, decided in this process.
+
+    Returns:
+        ``{"prefill": Plan, "decode": Plan}`` (and ``"encoder"`` for encoder-decoders);
+        ``print(plans["decode"].summary())`` shows one decode step's placements and collectives.
+    """
+    config = config or ShardConfig(**options)
+    was_training = model.training
+    model.eval()
+    try:
+        graphs = _analyze_steps(model, world_size, config)[0]
+    finally:
+        model.train(was_training)
+    return _plans(model, graphs)[0]
+
+
+def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: ShardConfig, load=None):
+    """Capture, analyze and lower the generation steps of ``model`` for one rank."""
+    graphs, cache_pl, n, past_at, timings = _analyze_steps(model, world_size, config)
+    t0 = time.perf_counter()
+    plans, names = _plans(model, graphs)
     shared: dict = {}
 
     def load_for(gm):
@@ -312,10 +342,10 @@ def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: 
 
     lowered = {name: lower(gm, a, rank=rank, world_size=world_size, group=group, config=config, load=load_for(gm),
                            shared=shared) for name, (gm, a) in graphs.items()}
-    timings = {"capture_s": t1 - t0, "analyze_s": t2 - t1, "lower_s": time.perf_counter() - t2}
+    timings["lower_s"] = time.perf_counter() - t0  # with the plans, and the reading of shards on load
     return GenerationSteps(lowered.get("encoder"), lowered["prefill"], lowered["decode"], plans=plans,
-                           cache_placements=cache_pl, num_layers=n, uses_positions=past_at == 3 and encoder is None,
-                           timings=timings)
+                           cache_placements=cache_pl, num_layers=n,
+                           uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings)
 
 
 class ShardedForGeneration:

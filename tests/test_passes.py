@@ -199,3 +199,7 @@ def test_generation_steps_keep_the_cache_sharded_by_heads():
     # without the declaration the past would be taken as replicated and sliced: the check can fail
     plain = _analyze_graph(decode, 2, config, local_outputs=set(range(1, 5)))
     assert [r for r in plain.redistributions if r.src in past]
+    # the same decisions, planned in one process by the public entry, named as the model names them
+    plans = autotp.plan_generation(model, 2)
+    assert plans["decode"].counts("forward") == {"all_reduce": 5, "all_gather": 1}
+    assert plans["decode"].parameters["transformer.h.0.attn.c_attn.weight"]["placement"] == "S(1,chunks=3)"
