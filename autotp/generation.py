@@ -26,6 +26,7 @@ decisions because the logits it sees are the same all-gathered tensor.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import time
 
@@ -53,6 +54,7 @@ def _cache_classes():
     return Cache, DynamicCache, DynamicLayer
 
 
+@functools.lru_cache(maxsize=None)
 def _step_layer_class():
     _, _, DynamicLayer = _cache_classes()
 
@@ -243,8 +245,7 @@ def capture_steps(model: nn.Module, *, example_batch: int = 2, example_prompt: i
 
 
 def _output_leaves(gm) -> list:
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    return pytree.tree_leaves(out.args[0])
+    return pytree.tree_leaves(_output_node(gm).args[0])
 
 
 def _final_placement(analysis, x):

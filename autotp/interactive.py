@@ -37,8 +37,7 @@ class _Rank:
 
     def generate(self, *args, **kwargs):
         with torch.no_grad():
-            out = self.model.generate(*args, **kwargs)
-        return out
+            return self.model.generate(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():

@@ -88,7 +88,7 @@ class SafetensorsReader:
             return out
         outer = math.prod(shape[:dim])
         n = shape[dim]
-        row = torch.empty((), dtype=dtype).element_size() * math.prod(shape[dim + 1:])
+        row = dtype.itemsize * math.prod(shape[dim + 1:])
         out = torch.empty((*shape[:dim], len(index), *shape[dim + 1:]), dtype=dtype)
         dst = out.view(torch.uint8).numpy().reshape(outer, len(index) * row) if out.numel() else None
         reads, runs = [], _runs(index)
