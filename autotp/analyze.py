@@ -5,9 +5,9 @@ graph in topological order, starting from
 
 * every user input ``Replicate``;
 * every *column seed* -- a linear whose weight is a 2-D parameter
-  (``passes.find_linear_seeds``) -- producing ``Shard(-1, chunks)``;
+  (``find_linear_seeds``) -- producing ``Shard(-1, chunks)``;
 * every *vocab seed* -- an embedding looked up with user-provided ids
-  (``passes.find_vocab_embeddings``) -- producing ``Partial``.
+  (``find_vocab_embeddings``) -- producing ``Partial``.
 
 Rules (``autotp.rules``) carry shards through pointwise ops, views, attention and
 so on, and turn a shard on a linear's contracted dim into a row-parallel linear
@@ -18,9 +18,10 @@ round with no failure is the answer.  Seeds whose shard is *meant* to leave
 the sharded region (the LM head: a vocab projection whose logits are returned)
 are not demoted: the shard is gathered where it is first needed whole.
 
-The result is written on every node as ``node.meta["autotp"]`` and returned as
-an ``Analysis`` holding the redistributions (collectives and local slices) the
-lowering must insert -- the same list the plan reports.
+The result is an ``Analysis``: a decision per node (its placement, why, its
+role) and the placement change on every edge that needs one, named by
+``runtime.REDISTRIBUTIONS`` kind.  ``plan.build_plan`` turns it into the
+``Plan`` -- the record lowering applies and users read.
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from .capture import get_attr
+from .patterns import (embedding_table, from_user_input, get_attr, is_tensor_node, linear_weight, param_of,
+                       tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
-from .rules import Ctx, Decision, Unsupported, is_tensor_node, linear_weight, param_of, rule_for, tensor_inputs
+from .rules import Ctx, Decision, Unsupported, rule_for
+from .runtime import REDISTRIBUTIONS, redistribution_chain
 
 R = Replicate()
 MAX_ROUNDS = 32
@@ -41,11 +44,9 @@ MAX_ROUNDS = 32
 
 @dataclass
 class Redistribution:
-    """A placement change on the edge ``src -> consumer``.
-
-    kind: ``all_reduce`` (P->R), ``all_gather`` (S->R), ``slice`` (R->S, local),
-    ``copy`` (R feeding a sharded op: identity forward, all-reduce of the gradient).
-    """
+    """One placement change on the edge ``src -> consumer``; ``kind`` is a key of
+    ``runtime.REDISTRIBUTIONS`` (``all_reduce`` P->R, ``all_gather`` S->R, ``slice`` R->S,
+    ``copy`` R entering sharded compute).  An edge may need a chain of them (P->R->S)."""
 
     src: Node
     consumer: Node
@@ -73,8 +74,8 @@ class Analysis:
     column_seeds: dict[Node, int]
     vocab_seeds: set[Node]
     demoted: dict[Node, str] = field(default_factory=dict)
-    rounds: int = 0
     needs_grad: set[Node] = field(default_factory=set)
+    output_placements: list = field(default_factory=list)  # each flat output as returned
 
 
 def _is_floating(node: Node) -> bool:
@@ -160,10 +161,51 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
     return decisions, failures
 
 
-def analyze(gm: GraphModule, world_size: int, *, column_seeds: list[Node], vocab_seeds: list[Node],
-            strict: bool = False, gather_outputs: bool = True, input_placements: dict[int, Placement] | None = None,
+def find_linear_seeds(gm: GraphModule, *, world_size: int) -> list[Node]:
+    """Column-parallel candidates: every matmul with a 2-D parameter operand, found from dataflow::
+
+        y = linear(x, W[out, in], b)        # nn.Linear
+        y = addmm(b, x, W[in, out])         # HF Conv1D (GPT-2)
+        y = mm(x, t(W)) / matmul(x, W)
+
+    The fixpoint keeps a candidate only if its shard flows to a row-parallel linear (or, for
+    a vocab projection, to where the logits are needed whole).  Module names are never read.
+    """
+    seeds = []
+    for node in gm.graph.nodes:
+        found = linear_weight(node)
+        if found is not None and found[1].meta["val"].shape[found[2]] >= world_size:
+            seeds.append(node)
+    return seeds
+
+
+def find_vocab_embeddings(gm: GraphModule, *, world_size: int) -> list[Node]:
+    """Vocab-parallel candidates: ``h = embedding(E[V, H], ids)`` with ids from a user input.
+
+    Through views or casts only: position ids computed with ``arange`` do not qualify.  Of
+    those, a table shared with a linear (a tied LM head) qualifies, and so does the
+    vocabulary: the largest table looked up with user ids, with at least as many rows as
+    columns.  Small tables (BERT's token types), or a position table when the caller passes
+    position ids (as ``generate`` does), stay replicated: their all-reduce per call would
+    cost more than the memory it saves.
+    """
+    shared = {found[1].target for n in gm.graph.nodes if (found := linear_weight(n)) is not None}
+    found = []
+    for node in gm.graph.nodes:
+        w = embedding_table(node)
+        if w is None or not from_user_input(node.args[1]):
+            continue
+        rows, cols = w.meta["val"].shape
+        if rows >= world_size:
+            found.append((node, w.target, rows, cols))
+    largest = max((rows for _, _, rows, _ in found), default=0)
+    return [node for node, target, rows, cols in found if target in shared or (rows == largest and rows >= cols)]
+
+
+def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_outputs: bool = True,
+            input_placements: dict[int, Placement] | None = None,
             local_outputs: set[int] | frozenset = frozenset()) -> Analysis:
-    """Run the fixpoint and record redistributions. See the module docstring.
+    """Seed, run the fixpoint and record the placement changes. See the module docstring.
 
     ``input_placements`` declares the placement of flat graph inputs by position (default
     ``Replicate``): a KV cache passed back in holds each rank's heads, ``Shard(1)``.
@@ -174,13 +216,12 @@ def analyze(gm: GraphModule, world_size: int, *, column_seeds: list[Node], vocab
     ctx.gather_outputs = gather_outputs
     ctx.input_placements = dict(input_placements or {})
     ctx.local_outputs = frozenset(local_outputs)
-    ctx.column_seeds = {s: 1 for s in column_seeds}
-    ctx.vocab_seeds = set(vocab_seeds)
-    vocab_weights = {n.args[0].target for n in vocab_seeds}
+    ctx.column_seeds = {s: 1 for s in find_linear_seeds(gm, world_size=world_size)}
+    ctx.vocab_seeds = set(find_vocab_embeddings(gm, world_size=world_size))
+    vocab_weights = {n.args[0].target for n in ctx.vocab_seeds}
     demoted: dict[Node, str] = {}
     bumps: dict[Node, int] = {}
-    rounds = 0
-    for rounds in range(1, MAX_ROUNDS + 1):
+    for _ in range(MAX_ROUNDS):
         tied = {n.args[0].target for n in ctx.vocab_seeds} & vocab_weights
         decisions, failures = _propagate(ctx, gm, tied)
         if not failures:
@@ -204,18 +245,27 @@ def analyze(gm: GraphModule, world_size: int, *, column_seeds: list[Node], vocab
         raise ValueError(f"strict=True and these layers cannot be sharded:\n{lines}")
 
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
-                        set(ctx.vocab_seeds), demoted, rounds)
+                        set(ctx.vocab_seeds), demoted)
     _record_redistributions(analysis)
-    _annotate(analysis)
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    analysis.output_placements = [
+        None if not is_tensor_node(x) else _as_returned(decisions[out].inputs.get(x, analysis.placements.get(x)))
+        for x in pytree.tree_leaves(out.args[0])]
     return analysis
 
 
+def _as_returned(p):
+    return R if isinstance(p, Partial) else p
+
+
 def _needs_grad(gm: GraphModule) -> set[Node]:
-    """Nodes whose value may require grad in training (derived from a floating parameter)."""
+    """Nodes whose value requires grad in training: derived from a floating parameter that
+    requires grad (the sharded module's parameters keep the model's ``requires_grad``)."""
     out: set[Node] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            if _is_floating(node) and isinstance(get_attr(gm, node.target), torch.nn.Parameter):
+            t = get_attr(gm, node.target)
+            if _is_floating(node) and isinstance(t, torch.nn.Parameter) and t.requires_grad:
                 out.add(node)
         elif node.op == "call_function" and any(x in out for x in node.all_input_nodes):
             val = node.meta.get("val")
@@ -258,37 +308,11 @@ def _record_redistributions(a: Analysis) -> None:
 
 
 def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_sharded: bool) -> None:
-    add = lambda frm, to, kind: a.redistributions.append(Redistribution(x, node, frm, to, kind))
-    if act == req:
-        if req == R and out_sharded and _is_floating(x):
-            add(R, R, "copy")
-        return
-    if isinstance(act, Partial):
-        if isinstance(req, Partial):
-            return
-        add(act, R, "all_reduce")
-        if isinstance(req, Shard):
-            add(R, req, "slice")
-        return
-    if isinstance(act, Shard):
-        add(act, R, "all_gather")
-        if isinstance(req, Shard):
-            add(R, req, "slice")
-        return
-    if isinstance(req, Shard):
-        add(R, req, "slice")
-        return
-    raise AssertionError(f"no redistribution from {act} to {req} on {x.name} -> {node.name}")
-
-
-def _annotate(a: Analysis) -> None:
-    for node in a.graph_module.graph.nodes:
-        dec = a.decisions.get(node)
-        meta = {"placement": a.placements.get(node), "why": dec.why if dec else ""}
-        if dec is not None and dec.role:
-            meta["role"] = dec.role
-        if node in a.demoted:
-            meta["demoted"] = a.demoted[node]
-        if node.op == "get_attr" and node.target in a.param_placements:
-            meta["placement"] = a.param_placements[node.target]
-        node.meta["autotp"] = meta
+    if isinstance(act, Partial) and isinstance(req, Partial):
+        return  # a partial sum read as one (add of partial sums)
+    chain = redistribution_chain(act, req)
+    if not chain and req == R and out_sharded and _is_floating(x):
+        chain = [("copy", R, R)]  # a replicated value enters sharded compute: its gradient is partial
+    for kind, frm, to in chain:
+        assert kind in REDISTRIBUTIONS, kind
+        a.redistributions.append(Redistribution(x, node, frm, to, kind))

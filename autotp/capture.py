@@ -8,11 +8,16 @@ structure (an HF ``ModelOutput`` stays one).
 """
 from __future__ import annotations
 
+import re
 import traceback
 
 import torch
 from torch import nn
+from torch.export import Dim
 from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from .patterns import get_attr
 
 
 class CaptureError(RuntimeError):
@@ -20,8 +25,6 @@ class CaptureError(RuntimeError):
 
 
 def _dynamic_shapes(args: tuple, kwargs: dict):
-    from torch.export import Dim
-
     def spec(x):
         if isinstance(x, torch.Tensor):
             return {i: Dim.AUTO for i in range(min(x.dim(), 2))}
@@ -56,17 +59,41 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
     if not example_inputs and not example_kwargs:
         raise CaptureError("autotp needs example_inputs (and/or example_kwargs) to capture the model")
     dyn = _signature_dynamic_shapes(model, *_dynamic_shapes(example_inputs, example_kwargs)) if dynamic else None
+
+    def hint(e: Exception) -> str:
+        if "cache" in str(e).lower() or "Cache" in type(e).__name__:
+            return "try example_kwargs={'use_cache': False} (Hugging Face caches are not graph inputs)"
+        return ("check that the example inputs are the ones the model is called with; pass keyword arguments "
+                "through example_kwargs (e.g. {'use_cache': False} for Hugging Face models)")
+
+    return export_graph(model, example_inputs, example_kwargs, dynamic_shapes=dyn, what=type(model).__name__,
+                        hint=hint)
+
+
+def export_graph(module: nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_shapes=None, what: str,
+                 hint) -> GraphModule:
+    """The one place autotp calls ``torch.export``: non-strict export, then one name per tensor.
+
+    A dim the model constrains (GPT-Neo's sequence must lie in [2, max_position_embeddings))
+    is retried as ``Dim.AUTO``, which takes the model's own range.  A failure becomes a
+    ``CaptureError`` naming ``what``, the innermost user frame and ``hint(error)``.
+    """
     try:
-        ep = torch.export.export(model, example_inputs, kwargs=example_kwargs, strict=False, dynamic_shapes=dyn)
+        try:
+            ep = torch.export.export(module, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        except Exception as e:
+            found = re.search(r"Constraints violated \(([^)]*)\)", str(e))
+            if found is None or dynamic_shapes is None:
+                raise
+            names = {n.strip() for n in found.group(1).split(",")}
+            relaxed = pytree.tree_map(lambda d: Dim.AUTO if getattr(d, "__name__", None) in names else d,
+                                      dynamic_shapes, is_leaf=lambda d: not isinstance(d, (dict, tuple, list)))
+            ep = torch.export.export(module, args, kwargs=kwargs, strict=False, dynamic_shapes=relaxed)
     except Exception as e:
-        where = _user_frame(e)
-        hint = ("try example_kwargs={'use_cache': False} (Hugging Face caches are not graph inputs)"
-                if "cache" in str(e).lower() or "Cache" in type(e).__name__ else
-                "check that the example inputs are the ones the model is called with; pass keyword "
-                "arguments through example_kwargs (e.g. {'use_cache': False} for Hugging Face models)")
         raise CaptureError(
-            f"could not capture {type(model).__name__} with torch.export (non-strict): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}\n  what to try: {hint}"
+            f"could not capture {what} with torch.export (non-strict): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{_user_frame(e)}\n"
+            f"  what to try: {hint(e)}"
         ) from e
     gm = ep.module()
     del ep
@@ -97,12 +124,6 @@ def _canonicalize_attributes(gm: GraphModule) -> None:
             gm.graph.erase_node(node)
     drop_unused_attributes(gm)
     gm.recompile()
-
-
-def get_attr(mod: nn.Module, target: str):
-    for part in target.split("."):
-        mod = getattr(mod, part)
-    return mod
 
 
 def drop_unused_attributes(gm: GraphModule) -> None:

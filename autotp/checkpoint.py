@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import warnings
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 
-from .placements import Placement, Shard, pad_zeros, parse_placement, shard_index, take_shard
+from .hf_export import export_hf, full_state_dict
+from .placements import Placement, Shard
+from .storage import _device, _entries, _few, _Layout, _stored_shape
+from .version import __version__
 
 __all__ = ["save", "load", "full_state_dict", "export_hf"]
 
@@ -59,110 +59,10 @@ FORMAT = 1  # bump when the stored layout changes; load refuses newer formats
 _META = "autotp"
 
 
-# ----------------------------------------------------------------------------- layout
-
-
-def _stored_shape(global_shape: list[int], pl: Placement) -> list[int]:
-    """Shape a tensor is stored with: the global shape, dim d split into (P, N/P) for ``S(d, chunks=P)``."""
-    if isinstance(pl, Shard) and pl.chunks > 1:
-        d, n = pl.dim, global_shape[pl.dim]
-        return [*global_shape[:d], pl.chunks, n // pl.chunks, *global_shape[d + 1:]]
-    return list(global_shape)
-
-
-def _contiguous_stride(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= max(int(s), 1)
-    return tuple(reversed(stride))
-
-
-class _Layout:
-    """Where this rank's tensors sit in the TP group: rank, world size, the 1-D mesh DTensors live on."""
-
-    def __init__(self, sharded, device: torch.device):
-        self.rank, self.world = sharded.rank, sharded.world_size
-        self.group = sharded.group
-        self.device = device
-        self._mesh = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def mesh(self):
-        if self._mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
-            self._mesh = DeviceMesh.from_group(self.group or dist.group.WORLD, self.device.type)
-        return self._mesh
-
-    def to_stored(self, local: torch.Tensor, pl: Placement, global_shape: list[int]):
-        """This rank's local tensor -> what DCP saves (a DTensor over the TP mesh, or a plain tensor)."""
-        if not isinstance(pl, Shard):
-            return local
-        d, n = pl.dim, global_shape[pl.dim]
-        shape = _stored_shape(global_shape, pl)
-        if pl.chunks == 1:
-            index, _ = shard_index(n, self.world, self.rank)
-            piece = local.narrow(d, 0, len(index))  # padding is not part of the tensor
-            dim = d
-        else:
-            lshape = list(local.shape)
-            piece = local.reshape([*lshape[:d], pl.chunks, lshape[d] // pl.chunks, *lshape[d + 1:]])
-            dim = d + 1  # (..., chunk, block, ...): rank r holds block r of every chunk
-        if not self.distributed:
-            return piece.reshape(shape)
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor import Shard as DShard
-
-        return DTensor.from_local(piece, self.mesh, [DShard(dim)], run_check=False, shape=torch.Size(shape),
-                                  stride=_contiguous_stride(shape))
-
-    def from_stored(self, stored, pl: Placement, local_shape: list[int]) -> torch.Tensor:
-        """Inverse of ``to_stored``: this rank's local tensor, zero padding re-added."""
-        from torch.distributed.tensor import DTensor
-
-        t = stored.to_local() if isinstance(stored, DTensor) else stored
-        if not isinstance(pl, Shard):
-            return t
-        if pl.chunks > 1:
-            return t.reshape(local_shape)  # (..., P, block, ...) -> (..., P * block, ...)
-        return pad_zeros(t, pl.dim, local_shape[pl.dim] - t.shape[pl.dim])
-
-    def cut(self, full: torch.Tensor, pl: Placement) -> torch.Tensor:
-        """This rank's local tensor cut from the global one (where the stored form changed)."""
-        if not isinstance(pl, Shard):
-            return full
-        return take_shard(full, pl.dim, *shard_index(full.shape[pl.dim], self.world, self.rank, pl.chunks))
-
-
-def _entries(sharded) -> dict[str, tuple[torch.Tensor, dict]]:
-    """``{name: (local tensor, plan entry)}`` for every tensor of the plan that the rank's module holds."""
-    out = {}
-    for name, info in sharded.plan.parameters.items():
-        t = sharded.module
-        for part in name.split("."):
-            t = getattr(t, part, None)
-        if not isinstance(t, torch.Tensor):
-            continue  # dropped from the rank's graph (never read)
-        assert list(t.shape) == list(info["local_shape"]), (name, list(t.shape), info["local_shape"])
-        out[name] = (t, info)
-    return out
-
-
-def _device(entries) -> torch.device:
-    for t, _ in entries.values():
-        return t.device
-    return torch.device("cpu")
-
-
 def _fingerprint(entries) -> dict[str, dict]:
-    return {name: {"placement": info["placement"], "global_shape": [int(s) for s in info["global_shape"]],
+    return {name: {"placement": repr(info.placement), "global_shape": list(info.global_shape),
                    "dtype": str(t.dtype).replace("torch.", ""),
-                   "stored_shape": _stored_shape([int(s) for s in info["global_shape"]], parse_placement(info["placement"]))}
+                   "stored_shape": _stored_shape(list(info.global_shape), info.placement)}
             for name, (t, info) in entries.items()}
 
 
@@ -229,12 +129,12 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
     """
     entries = _entries(sharded)
     layout = _Layout(sharded, _device(entries))
-    meta = {"format": FORMAT, "autotp_version": _version(), "world_size": sharded.world_size, "step": step,
+    meta = {"format": FORMAT, "autotp_version": __version__, "world_size": sharded.world_size, "step": step,
             "parameters": _fingerprint(entries), "optimizer": None}
     model_sd = {}
     for name, (t, info) in entries.items():
-        model_sd[name] = layout.to_stored(t.detach(), parse_placement(info["placement"]),
-                                          [int(s) for s in info["global_shape"]])
+        model_sd[name] = layout.to_stored(t.detach(), info.placement,
+                                          list(info.global_shape))
     state_dict = {"model": model_sd}
     if optimizer is not None:
         groups = _optimizer_names(optimizer, entries)
@@ -245,12 +145,12 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
                 if p not in optimizer.state:
                     continue
                 info = entries[name][1]
-                pl = parse_placement(info["placement"])
+                pl = info.placement
                 st, kd = {}, {}
                 for key, value in optimizer.state[p].items():
                     kind = _state_kind(key, value, params[name], pl, name)
                     if kind == "param":
-                        st[key] = layout.to_stored(value.detach(), pl, [int(s) for s in info["global_shape"]])
+                        st[key] = layout.to_stored(value.detach(), pl, list(info.global_shape))
                         kd[key] = {"kind": kind, "dtype": str(value.dtype).replace("torch.", "")}
                     elif kind == "replicated":
                         st[key] = value.detach()
@@ -289,11 +189,6 @@ def _check_fingerprint(path, saved: dict, here: dict) -> None:
                              f"{info['global_shape']} here")
 
 
-def _few(names: list[str], k: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:k])
-    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
-
-
 def _read_meta(path, layout: _Layout) -> tuple[dict, object]:
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r} (no .metadata file); "
@@ -308,7 +203,7 @@ def _read_meta(path, layout: _Layout) -> tuple[dict, object]:
     meta = pickle.loads(holder[_META]["meta"])
     if meta.get("format", 0) > FORMAT:
         raise ValueError(f"checkpoint at {os.fspath(path)!r} has format {meta['format']} (autotp "
-                         f"{meta.get('autotp_version')}); this autotp ({_version()}) reads format <= {FORMAT}: "
+                         f"{meta.get('autotp_version')}); this autotp ({__version__}) reads format <= {FORMAT}: "
                          "upgrade autotp")
     return meta, pickle.loads(holder[_META]["extra"])
 
@@ -352,12 +247,12 @@ def load(path, sharded, optimizer: torch.optim.Optimizer | None = None) -> dict:
         t, info = entries[name]
         if saved[name]["stored_shape"] == here[name]["stored_shape"]:
             return layout.to_stored(torch.zeros(t.shape, dtype=dtype, device=t.device),
-                                    parse_placement(info["placement"]), here[name]["global_shape"])
+                                    info.placement, here[name]["global_shape"])
         return torch.zeros(saved[name]["stored_shape"], dtype=dtype, device=t.device)
 
     def local(name: str, loaded) -> torch.Tensor:
         t, info = entries[name]
-        pl = parse_placement(info["placement"])
+        pl = info.placement
         if saved[name]["stored_shape"] == here[name]["stored_shape"]:
             return layout.from_stored(loaded, pl, list(t.shape))
         return layout.cut(loaded.reshape(here[name]["global_shape"]), pl)
@@ -410,118 +305,3 @@ def _load_optimizer(path, optimizer, entries, opt_meta, loaded, local) -> None:
         state[index[name]] = st
     param_groups = [{**s["hyper"], "params": [index[n] for n in g]} for s, g in zip(saved_groups, groups)]
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-# ----------------------------------------------------------------------------- consolidated export
-
-
-def full_state_dict(sharded) -> dict[str, torch.Tensor]:
-    """Every tensor of ``sharded`` gathered to its global value, keyed by the plan's names.
-
-    Collective (one all-gather per sharded tensor): call on every rank; every rank gets the
-    whole dict.  Padding is stripped and chunked layouts restored, so the result is the
-    unsharded model's ``state_dict()`` (one name per tied tensor, e.g. GPT-2's
-    ``lm_head.weight``) with the current values.
-
-    Example::
-
-        >>> sd = autotp.checkpoint.full_state_dict(sharded)
-        >>> sd["transformer.h.0.attn.c_attn.weight"].shape   # S(1,chunks=3) over the ranks
-        torch.Size([64, 192])
-    """
-    from torch.distributed.tensor import DTensor
-
-    entries = _entries(sharded)
-    layout = _Layout(sharded, _device(entries))
-    out = {}
-    for name, (t, info) in entries.items():
-        shape = [int(s) for s in info["global_shape"]]
-        stored = layout.to_stored(t.detach(), parse_placement(info["placement"]), shape)
-        if isinstance(stored, DTensor):
-            stored = stored.full_tensor()
-        out[name] = stored.reshape(shape).clone()
-    return out
-
-
-def export_hf(sharded, model_or_config, path) -> None:
-    """Write a consolidated Hugging Face checkpoint of ``sharded`` at ``path``.
-
-    ``config.json`` and ``model.safetensors`` (split in shards with an index above 5 GB),
-    loadable with ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class).
-    Collective: call on every rank; rank 0 writes.
-
-    Args:
-        sharded: the ``ShardedModule``.
-        model_or_config: the Hugging Face model that was sharded (any device, ``meta`` too)
-            or its config (then an ``AutoModelForCausalLM`` is built on ``meta`` to learn the
-            state-dict names).  It gives the names the checkpoint must have, tied names
-            included (GPT-2's ``transformer.wte.weight`` is ``lm_head.weight``).
-        path: output directory.
-    """
-    full = full_state_dict(sharded)
-    model = model_or_config
-    if not isinstance(model, nn.Module):
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_or_config)
-    state, taken_from_model = _hf_state_dict(full, model)
-    rank = sharded.rank
-    error = None
-    if rank == 0:
-        try:
-            from huggingface_hub import save_torch_state_dict
-
-            if taken_from_model:
-                warnings.warn(f"export_hf: {_few(taken_from_model)} are not part of the sharded module (its forward "
-                              "never reads them); exported from the model as they are", stacklevel=2)
-            os.makedirs(path, exist_ok=True)
-            model.config.save_pretrained(path)
-            save_torch_state_dict(state, path, max_shard_size="5GB")
-        except Exception as e:  # reported on every rank, not left to hang the others
-            error = e
-    if sharded.world_size > 1:
-        box = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(sharded.group, 0) if sharded.group else 0,
-                                   group=sharded.group)
-        if box[0] is not None and error is None:
-            raise RuntimeError(f"export_hf failed on rank 0: {box[0]}")
-    if error is not None:
-        raise error
-
-
-def _hf_state_dict(full: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The model's ``state_dict`` names filled from ``full``; tied aliases get their own copy."""
-    aliases: dict[int, list[str]] = {}
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, t in tensors:
-        aliases.setdefault(id(t), []).append(name)
-    names_of = {n: names for names in aliases.values() for n in names}
-    own = model.state_dict(keep_vars=True)
-    state, from_model, missing = {}, [], []
-    for key, t in own.items():
-        src = next((n for n in names_of.get(key, [key]) if n in full), None)
-        if src is not None:
-            state[key] = full[src] if src == key else full[src].clone()  # safetensors refuses shared storage
-        elif t.device.type != "meta":
-            state[key] = t.detach().clone()
-            from_model.append(key)
-        else:
-            missing.append(key)
-    if missing:
-        raise ValueError(
-            f"export_hf: the model's state-dict entries {_few(missing)} are in neither the sharded module "
-            f"(names {_few(sorted(full))}) nor the model (it is on the meta device); pass the model with its weights"
-        )
-    shapes = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
-    if shapes:
-        k = shapes[0]
-        raise ValueError(f"export_hf: {k!r} has shape {list(state[k].shape)} in the sharded module but "
-                         f"{list(own[k].shape)} in the model; pass the model (or config) that was sharded")
-    return state, from_model
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

@@ -27,23 +27,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 import time
 
 import torch
 from torch import nn
 from torch.export import Dim
-from torch.utils import _pytree as pytree
 
-import autotp.passes as P
-
-from .analyze import analyze
-from .api import ShardConfig, check_same_inputs, lower
-from .capture import CaptureError, _canonicalize_attributes, _user_frame, get_attr
-from .placements import Partial, Replicate
-from .plan import build_plan
-from .runtime import resolve_group
-from .samehost import enable_same_host_collectives
+from .capture import CaptureError, export_graph
+from .config import ShardConfig, resolve_config
+from .patterns import get_attr, output_leaves
+from .pipeline import join_ranks, lower_graph, lowering_context, plan_graph
+from .runtime import check_same_inputs
 
 __all__ = ["shard_for_generation", "plan_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
            "Seq2SeqStep"]
@@ -160,30 +154,11 @@ class EncoderStep(nn.Module):
 
 
 def _export(module, args, dynamic_shapes):
-    """Export with the given dims; a dim the model constrains (GPT-Neo's sequence must lie in
-    [2, max_position_embeddings)) is retried as ``Dim.AUTO``, which takes the model's range."""
-    try:
-        try:
-            ep = torch.export.export(module, args, strict=False, dynamic_shapes=dynamic_shapes)
-        except Exception as e:
-            found = re.search(r"Constraints violated \(([^)]*)\)", str(e))
-            if found is None:
-                raise
-            names = {n.strip() for n in found.group(1).split(",")}
-            relaxed = pytree.tree_map(lambda d: Dim.AUTO if getattr(d, "__name__", None) in names else d,
-                                      dynamic_shapes, is_leaf=lambda d: not isinstance(d, (dict, tuple, list)))
-            ep = torch.export.export(module, args, strict=False, dynamic_shapes=relaxed)
-    except Exception as e:
-        raise CaptureError(
-            f"could not capture the generation step of {type(module.model).__name__} with torch.export "
-            f"(non-strict): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{_user_frame(e)}\n"
-            "  what to try: autotp.shard(model, ..., example_kwargs={'use_cache': False}) shards the forward "
-            "without a cache"
-        ) from e
-    gm = ep.module()
-    del ep
-    _canonicalize_attributes(gm)
-    return gm
+    inner = module.encoder if isinstance(module, EncoderStep) else module.model
+    return export_graph(module, args, dynamic_shapes=dynamic_shapes,
+                        what=f"the generation step of {type(inner).__name__}",
+                        hint=lambda e: "autotp.shard(model, ..., example_kwargs={'use_cache': False}) shards the "
+                                       "forward without a cache")
 
 
 def _check_present(model, present, n_layers: int, what: str) -> None:
@@ -213,13 +188,13 @@ def capture_steps(model: nn.Module, *, example_batch: int = 2, example_prompt: i
     if getattr(model.config, "is_encoder_decoder", False):
         src = Dim("source", min=1)
         encoder = _export(EncoderStep(model.get_encoder()), (ids, mask), ({0: batch, 1: src}, {0: batch, 1: src}))
-        hidden = _output_leaves(encoder)[0].meta["val"]
+        hidden = output_leaves(encoder)[0].meta["val"]
         enc_h = torch.zeros(example_batch, example_prompt, int(hidden.shape[-1]), dtype=hidden.dtype, device=device)
         step = Seq2SeqStep(model, n)
         dec_ids = ids[:, :2].clone()
         specs = ({0: batch, 1: seq}, {0: batch, 1: src}, {0: batch, 1: src})
         prefill = _export(step, (dec_ids, enc_h, mask), specs)
-        present = [x.meta["val"] for x in _output_leaves(prefill)[1:]]
+        present = [x.meta["val"] for x in output_leaves(prefill)[1:]]
         _check_present(model, present[: 2 * n], n, "self-attention")
         _check_present(model, present[2 * n:], n, "cross-attention")
         past = (_zeros_like_cache(present[: 2 * n], example_batch, example_past, device)
@@ -235,26 +210,13 @@ def capture_steps(model: nn.Module, *, example_batch: int = 2, example_prompt: i
         pos = torch.arange(example_prompt, device=device).repeat(example_batch, 1)
         pos_spec = {0: batch, 1: seq}
     prefill = _export(step, (ids, mask, pos), ({0: batch, 1: seq}, {0: batch, 1: seq}, pos_spec))
-    present = [x.meta["val"] for x in _output_leaves(prefill)[1:]]
+    present = [x.meta["val"] for x in output_leaves(prefill)[1:]]
     _check_present(model, present, n, "self-attention")
     past = _zeros_like_cache(present, example_batch, example_past, device)
     mask = torch.ones(example_batch, example_past + example_prompt, dtype=torch.long, device=device)
     decode = _export(step, (ids, mask, pos, past),
                      ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, pos_spec, tuple({0: batch, 2: past_len} for _ in past)))
     return None, prefill, decode, n, 2 + (pos is not None)
-
-
-def _output_leaves(gm) -> list:
-    return pytree.tree_leaves(_output_node(gm).args[0])
-
-
-def _final_placement(analysis, x):
-    p = analysis.decisions[_output_node(analysis.graph_module)].inputs.get(x, analysis.placements.get(x))
-    return Replicate() if isinstance(p, Partial) else p
-
-
-def _output_node(gm):
-    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
 
 class GenerationSteps(nn.Module):
@@ -277,41 +239,36 @@ class GenerationSteps(nn.Module):
         self.timings = timings
 
 
-def _analyze_graph(gm, world_size: int, config: ShardConfig, **kwargs):
-    return analyze(gm, world_size, column_seeds=P.find_linear_seeds(gm, world_size=world_size),
-                   vocab_seeds=P.find_vocab_embeddings(gm, world_size=world_size), strict=config.strict, **kwargs)
+def _param_names(model: nn.Module, gm) -> dict[str, str]:
+    """Graph attribute -> the model's own name (the step wrappers add a prefix)."""
+    names: dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
+    return {n.target: names.get(id(get_attr(gm, n.target)), n.target) for n in gm.graph.nodes if n.op == "get_attr"}
 
 
-def _analyze_steps(model: nn.Module, world_size: int, config: ShardConfig):
-    """Capture and analyze the generation steps: ``(graphs {name: (gm, analysis)}, cache placements,
-    num_layers, past_at, timings)``."""
+def _plan_steps(model: nn.Module, world_size: int, config: ShardConfig):
+    """Capture and plan the generation steps: ``(graphs {name: (gm, plan)}, cache placements,
+    num_layers, past_at, timings)``.  The decode step's past is declared with the placements
+    the prefill step returns its present with."""
     t0 = time.perf_counter()
     encoder, prefill, decode, n, past_at = capture_steps(model)
     t1 = time.perf_counter()
-    n_pre = len(_output_leaves(prefill)) - 1  # self (and cross) keys and values
-    a_pre = _analyze_graph(prefill, world_size, config, local_outputs=set(range(1, 1 + n_pre)))
-    cache_pl = [_final_placement(a_pre, x) for x in _output_leaves(prefill)[1:]]
-    a_dec = _analyze_graph(decode, world_size, config, input_placements={past_at + i: p for i, p in enumerate(cache_pl)},
-                           local_outputs=set(range(1, 1 + 2 * n)))
-    dec_pl = [_final_placement(a_dec, x) for x in _output_leaves(decode)[1:]]
-    if dec_pl != cache_pl[: 2 * n]:
-        raise AssertionError(f"decode step returns its cache as {dec_pl} but prefill as {cache_pl[:2 * n]}")
-    graphs = {"prefill": (prefill, a_pre), "decode": (decode, a_dec)}
+
+    def plan(gm, **kw):
+        return plan_graph(gm, world_size, config, param_names=_param_names(model, gm), **kw)
+
+    n_pre = len(output_leaves(prefill)) - 1  # self (and cross) keys and values
+    p_pre = plan(prefill, local_outputs=set(range(1, 1 + n_pre)))
+    cache_pl = p_pre.outputs[1:]
+    p_dec = plan(decode, input_placements={past_at + i: p for i, p in enumerate(cache_pl)},
+                 local_outputs=set(range(1, 1 + 2 * n)))
+    if p_dec.outputs[1:] != cache_pl[: 2 * n]:
+        raise AssertionError(f"decode step returns its cache as {p_dec.outputs[1:]} but prefill as {cache_pl[:2 * n]}")
+    graphs = {"prefill": (prefill, p_pre), "decode": (decode, p_dec)}
     if encoder is not None:
-        graphs["encoder"] = (encoder, _analyze_graph(encoder, world_size, config))
+        graphs["encoder"] = (encoder, plan(encoder))
     return graphs, cache_pl, n, past_at, {"capture_s": t1 - t0, "analyze_s": time.perf_counter() - t1}
-
-
-def _plans(model: nn.Module, graphs: dict) -> tuple[dict, dict]:
-    """The plan of each graph, parameters named as ``model`` names them; and that naming."""
-    names = {}  # graph attribute -> the model's own name (the step wrappers add a prefix)
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        names.setdefault(id(t), name)
-    plans = {}
-    for name, (gm, a) in graphs.items():
-        plans[name] = build_plan(a)
-        plans[name].parameters = {names.get(id(get_attr(gm, t)), t): v for t, v in plans[name].parameters.items()}
-    return plans, names
 
 
 def plan_generation(model: nn.Module, world_size: int, *, config: ShardConfig | None = None, **options) -> dict:
@@ -321,32 +278,28 @@ def plan_generation(model: nn.Module, world_size: int, *, config: ShardConfig | 
         ``{"prefill": Plan, "decode": Plan}`` (and ``"encoder"`` for encoder-decoders);
         ``print(plans["decode"].summary())`` shows one decode step's placements and collectives.
     """
-    config = config or ShardConfig(**options)
+    config = resolve_config(config, options)
+    config.check_for_generation()
     was_training = model.training
     model.eval()
     try:
-        graphs = _analyze_steps(model, world_size, config)[0]
+        graphs = _plan_steps(model, world_size, config)[0]
     finally:
         model.train(was_training)
-    return _plans(model, graphs)[0]
+    return {name: p for name, (_, p) in graphs.items()}
 
 
-def build_steps(model: nn.Module, world_size: int, rank: int, group, *, config: ShardConfig, load=None):
-    """Capture, analyze and lower the generation steps of ``model`` for one rank."""
-    graphs, cache_pl, n, past_at, timings = _analyze_steps(model, world_size, config)
+def build_steps(model: nn.Module, ranks, *, config: ShardConfig, load=None):
+    """Capture, plan and lower the generation steps of ``model`` for one rank."""
+    graphs, cache_pl, n, past_at, timings = _plan_steps(model, ranks.world_size, config)
     t0 = time.perf_counter()
-    plans, names = _plans(model, graphs)
     shared: dict = {}
-
-    def load_for(gm):
-        return None if load is None else (lambda target, *a: load(names[id(get_attr(gm, target))], *a))
-
-    lowered = {name: lower(gm, a, rank=rank, world_size=world_size, group=group, config=config, load=load_for(gm),
-                           shared=shared) for name, (gm, a) in graphs.items()}
-    timings["lower_s"] = time.perf_counter() - t0  # with the plans, and the reading of shards on load
-    return GenerationSteps(lowered.get("encoder"), lowered["prefill"], lowered["decode"], plans=plans,
-                           cache_placements=cache_pl, num_layers=n,
-                           uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings)
+    lowered = {name: lower_graph(gm, lowering_context(p, ranks, config, load=load, shared=shared), config)
+               for name, (gm, p) in graphs.items()}
+    timings["lower_s"] = time.perf_counter() - t0  # with the reading of shards on load
+    return GenerationSteps(lowered.get("encoder"), lowered["prefill"], lowered["decode"],
+                           plans={name: p for name, (_, p) in graphs.items()}, cache_placements=cache_pl,
+                           num_layers=n, uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings)
 
 
 class ShardedForGeneration:
@@ -488,14 +441,13 @@ def shard_for_generation(model: nn.Module, world_size: int | None = None, *, gro
         An instance of the model's own class (``generate``, ``config``... work as usual) whose
         forward runs this rank's shards; ``.autotp_steps.plans`` holds the prefill and decode plans.
     """
-    config = config or ShardConfig(**options)
-    group, world, rank = resolve_group(world_size, group)
-    if config.same_host_collectives:
-        enable_same_host_collectives(group)
+    config = resolve_config(config, options)
+    config.check_for_generation()
+    ranks = join_ranks(world_size, group, config)
     was_training = model.training
     model.eval()
     try:
-        steps = build_steps(model, world, rank, group, config=config, load=load)
+        steps = build_steps(model, ranks, config=config, load=load)
     finally:
         model.train(was_training)
     cls = type(model)
@@ -510,9 +462,9 @@ def shard_for_generation(model: nn.Module, world_size: int | None = None, *, gro
     shell.autotp_steps = steps
     if steps.encoder is not None:
         shell.autotp_encoder = _ShardedEncoder(steps.encoder, shell)
-    shell.autotp_group = group
-    shell.autotp_rank, shell.autotp_world_size = rank, world
-    shell._autotp_checked = not config.check_inputs or world == 1
+    shell.autotp_group, shell.autotp_comm = ranks.group, ranks.comm
+    shell.autotp_rank, shell.autotp_world_size = ranks.rank, ranks.world_size
+    shell._autotp_checked = not config.check_inputs or ranks.world_size == 1
     for m in shell.modules():  # inference: dropout off (the lowered graphs' dropouts follow .training)
         m.training = False
     return shell

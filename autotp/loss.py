@@ -25,7 +25,7 @@ from torch import nn
 
 from .runtime import _rank, _world
 
-__all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropy"]
+__all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropy", "vocab_ce_collectives"]
 
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
@@ -90,6 +90,14 @@ class _VocabParallelCE(torch.autograd.Function):
         return dx.to(dtype), None, None, None, None, None, None
 
 
+def vocab_ce_collectives(rows: int, label_smoothing: float) -> list[tuple[str, list, str]]:
+    """What one forward of the vocab-parallel cross-entropy over ``rows`` rows communicates:
+    ``[(reduce op, shape, why), ...]``, all-reduces of float32 (the plan lists these; the
+    backward communicates nothing)."""
+    stats = "target logit + sum of exp" + (" + sum of logits" if label_smoothing else "")
+    return [("max", [rows], "max of the logits"), ("sum", [rows, 3 if label_smoothing else 2], stats)]
+
+
 def _check_targets(target: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
     if bool(bad.any()):
@@ -143,14 +151,14 @@ class VocabParallelCrossEntropy(nn.Module):
     """``aten.cross_entropy_loss`` on vocab-sharded logits, as a graph node (see the module docstring)."""
 
     def __init__(self, vocab_size: int, reduction: int | str = 1, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, group=None):
+                 label_smoothing: float = 0.0, *, comm):
         super().__init__()
         self.vocab_size = vocab_size
         self.reduction = _REDUCTIONS.get(reduction, reduction)
-        self.ignore_index, self.label_smoothing, self.group = ignore_index, label_smoothing, group
+        self.ignore_index, self.label_smoothing, self.comm = ignore_index, label_smoothing, comm
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, target, group=self.group, vocab_size=self.vocab_size,
+        return vocab_parallel_cross_entropy(logits, target, group=self.comm.group, vocab_size=self.vocab_size,
                                             ignore_index=self.ignore_index, reduction=self.reduction,
                                             label_smoothing=self.label_smoothing)
 

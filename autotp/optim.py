@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .placements import Shard
+
 __all__ = ["clip_grad_norm_", "grad_norm", "cosine_lr"]
 
 
 def _split_params(sharded: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(sharded grads, replicated grads) of a ``ShardedModule``, by the placements in its plan."""
-    placements = {name: p["placement"] for name, p in sharded.plan.parameters.items()}
+    placements = {name: p.placement for name, p in sharded.plan.parameters.items()}
     split: tuple[list, list] = ([], [])
     for name, param in sharded.module.named_parameters():
         if param.grad is None:
@@ -35,7 +37,7 @@ def _split_params(sharded: nn.Module) -> tuple[list[torch.Tensor], list[torch.Te
             raise KeyError(
                 f"parameter {name!r} of the sharded module is not in its plan ({len(placements)} entries), so "
                 "whether it is sharded is unknown; clip a module returned by autotp.shard, unmodified")
-        split[0 if placements[name].startswith("S") else 1].append(param.grad.detach())
+        split[0 if isinstance(placements[name], Shard) else 1].append(param.grad.detach())
     return split
 
 

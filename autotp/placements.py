@@ -24,26 +24,15 @@ pair); the analysis decides that.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "shard_index", "local_size", "take_shard", "pad_zeros",
-           "parse_placement"]
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "shard_index", "local_size", "take_shard", "pad_zeros"]
 
 
 class Placement:
     """Base class of the three placements."""
-
-    def is_replicate(self) -> bool:
-        return isinstance(self, Replicate)
-
-    def is_shard(self, dim: int | None = None) -> bool:
-        return isinstance(self, Shard) and (dim is None or self.dim == dim)
-
-    def is_partial(self) -> bool:
-        return isinstance(self, Partial)
 
 
 @dataclass(frozen=True)
@@ -63,9 +52,6 @@ class Shard(Placement):
 
     def __repr__(self) -> str:
         return f"S({self.dim})" if self.chunks == 1 else f"S({self.dim},chunks={self.chunks})"
-
-    def with_dim(self, dim: int) -> "Shard":
-        return Shard(dim, self.chunks)
 
 
 @dataclass(frozen=True)
@@ -125,18 +111,3 @@ def take_shard(t: torch.Tensor, dim: int, index: torch.Tensor, pad: int) -> torc
     else:
         out = t.index_select(dim, index.to(t.device))
     return pad_zeros(out, dim, pad)
-
-
-_PLACEMENT = re.compile(r"^S\((\d+)(?:,chunks=(\d+))?\)$")
-
-
-def parse_placement(text: str) -> Placement:
-    """The inverse of ``repr``: ``"R"`` / ``"P"`` / ``"S(1)"`` / ``"S(1,chunks=3)"`` (as plans print them)."""
-    if text == "R":
-        return Replicate()
-    if text == "P":
-        return Partial()
-    m = _PLACEMENT.match(text)
-    if not m:
-        raise ValueError(f"unknown placement {text!r} (expected R, P, S(d) or S(d,chunks=P))")
-    return Shard(int(m.group(1)), int(m.group(2) or 1))

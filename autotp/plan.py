@@ -1,51 +1,160 @@
-"""Plan: what is sharded, which collectives run, how many bytes each rank holds.
+"""Plan: what is sharded and which collectives run -- the record lowering applies.
 
-Computed from the analysis alone (one process, no ranks), so a user can read it
-before anything is sharded.  ``summary()`` is a text table; ``to_json()`` gives
+``build_plan`` turns an ``Analysis`` into a ``Plan`` once; lowering (``passes/``)
+reads nothing else, so what the plan says is what runs.  A plan is computed in
+one process, before any rank exists, and is typed data:
 
-* ``parameters``: ``{name: {placement, global_shape, local_shape, role}}``
-* ``collectives``: ``[{op, phase, shape, dtype, bytes, at, why}]`` per forward
-  (and per backward when training)
-* ``memory``: ``{param_bytes_per_rank, param_bytes_total, param_bytes_replicated}``
-* ``replicated``: layers the analysis left whole, and why.
+* ``parameters``: ``{name: ParamPlan}`` -- placement (a ``Placement``), global and
+  local shape, dtype, role (``column`` / ``row`` / ``vocab`` / ``sharded`` / ``replicated``);
+* ``nodes``: ``{node name: NodePlan}`` -- every analyzed node's placement, role and
+  the local data its lowering needs;
+* ``steps``: ``[Step]`` -- every redistribution lowering inserts, one graph node each,
+  named as lowering will name it;
+* ``collectives``: ``[Collective]`` -- every collective one forward and one backward
+  issue at run time, in order: the steps' collectives (from ``runtime.REDISTRIBUTIONS``)
+  and those inside lowered ops (a row-parallel linear's all-reduce before its bias, the
+  vocab-parallel cross-entropy's two); ``tests/test_plan_contract.py`` checks this list
+  against what ``CommDebugMode`` counts on every model case;
+* ``outputs``: the placement each flat output is returned with;
+* ``memory`` and ``replicated`` (layers left whole, and why).
+
+``summary()`` is a text table; ``to_json()`` is a view of the same data::
+
+    {"world_size": int,
+     "parameters": {name: {"placement": "R" | "P" | "S(d)" | "S(d,chunks=k)", "global_shape": [int],
+                           "local_shape": [int], "role": str, "dtype": str}},
+     "collectives": [{"op": "all_reduce" | "all_gather", "reduce": "sum" | "max" | null,
+                      "phase": "forward" | "backward", "kind": str | null, "change": "P -> R" | ...,
+                      "at": node, "consumers": [node], "shape": [int | str], "local_shape": [int | str],
+                      "dtype": str, "bytes": int, "why": str}],
+     "memory": {"param_bytes_per_rank": int, "param_bytes_total": int, "param_bytes_replicated": int},
+     "replicated": {parameter: why}}
+
+``shape`` is the logical (global) value's, ``local_shape`` what each rank sends; a
+dynamic dim is its symbol's name (``"s0"``), and ``bytes`` counts it at the example size.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .placements import Replicate, Shard, local_size
-from .rules import linear_weight
+from .loss import vocab_ce_collectives
+from .patterns import block_of, linear_weight
+from .patterns import size_hint as _size_hint
+from .placements import Partial, Placement, Replicate, Shard, local_size
+from .runtime import REDISTRIBUTIONS
+
+__all__ = ["Plan", "ParamPlan", "NodePlan", "Step", "Collective", "build_plan"]
 
 
-def _shape_str(s) -> str:
-    return "x".join(str(int(v)) for v in s)
+@dataclass
+class ParamPlan:
+    """A parameter (or buffer) as sharded: ``name`` as the user's model names it, ``target``
+    the attribute of the captured graph that holds it (the same unless a wrapper added a prefix)."""
+
+    name: str
+    target: str
+    placement: Placement
+    global_shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    dtype: torch.dtype
+    role: str
+
+    def to_dict(self) -> dict:
+        return {"placement": repr(self.placement), "global_shape": list(self.global_shape),
+                "local_shape": list(self.local_shape), "role": self.role, "dtype": _dtype_str(self.dtype)}
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One node's decision: its output placement (a list for a split), why, its role
+    (``column`` / ``row`` / ``row_bias`` / ``vocab`` / ``vocab_ce``) and local data its lowering
+    needs (``size_dim``: the shape entry to make local; ``split_dim``)."""
+
+    placement: Any
+    why: str
+    role: str | None = None
+    local_args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A redistribution lowering inserts: the module ``REDISTRIBUTIONS[kind]`` builds, as node ``name``.
+
+    It reads ``reads`` (the value ``src``, or the previous step of a chain such as P -> R -> S)
+    and replaces ``src`` in ``consumers``.  ``before_bias``: the row-parallel linear ``src``'s
+    partial product, all-reduced before its bias is added once (``passes/lower_row_bias.py``).
+    """
+
+    name: str
+    kind: str
+    src: str
+    reads: str
+    consumers: tuple[str, ...]
+    frm: Placement
+    to: Placement
+    global_size: int = 0  # the gathered dim's global size (an all-gather trims padding to it)
+    before_bias: bool = False
+
+
+@dataclass(frozen=True)
+class Collective:
+    op: str
+    phase: str
+    kind: str | None
+    frm: Placement | None
+    to: Placement | None
+    at: str
+    consumers: tuple[str, ...]
+    shape: tuple
+    local_shape: tuple
+    dtype: torch.dtype
+    bytes: int
+    why: str
+    reduce: str = "sum"
+
+    @property
+    def change(self) -> str:
+        return f"{self.frm} -> {self.to}" if self.frm is not None else "inside the op"
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "reduce": self.reduce, "phase": self.phase, "kind": self.kind, "change": self.change,
+                "at": self.at, "consumers": list(self.consumers), "shape": list(self.shape),
+                "local_shape": list(self.local_shape), "dtype": _dtype_str(self.dtype), "bytes": self.bytes,
+                "why": self.why}
 
 
 @dataclass
 class Plan:
     world_size: int
-    parameters: dict[str, dict]
-    collectives: list[dict]
+    parameters: dict[str, ParamPlan]
+    collectives: list[Collective]
     memory: dict[str, int]
     replicated: dict[str, str] = field(default_factory=dict)
-    analysis_rounds: int = 0
+    nodes: dict[str, NodePlan] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+
+    def node(self, n) -> NodePlan | None:
+        """The decision for fx node ``n`` (``None`` for nodes lowering added)."""
+        return self.nodes.get(n.name)
 
     def counts(self, phase: str = "forward") -> dict[str, int]:
         out: dict[str, int] = {}
         for c in self.collectives:
-            if c["phase"] == phase:
-                out[c["op"]] = out.get(c["op"], 0) + 1
+            if c.phase == phase:
+                out[c.op] = out.get(c.op, 0) + 1
         return out
 
     def to_json(self, **kw) -> str:
         return json.dumps({
             "world_size": self.world_size,
-            "parameters": self.parameters,
-            "collectives": self.collectives,
+            "parameters": {n: p.to_dict() for n, p in self.parameters.items()},
+            "collectives": [c.to_dict() for c in self.collectives],
             "memory": self.memory,
             "replicated": self.replicated,
         }, **kw)
@@ -55,16 +164,16 @@ class Plan:
         w = max([len(n) for n in self.parameters] + [9])
         lines.append(f"{'parameter':<{w}}  {'placement':<14} {'global':>14} {'local':>14}  role")
         for name, p in self.parameters.items():
-            lines.append(f"{name:<{w}}  {p['placement']:<14} {_shape_str(p['global_shape']):>14} "
-                         f"{_shape_str(p['local_shape']):>14}  {p['role']}")
+            lines.append(f"{name:<{w}}  {repr(p.placement):<14} {_shape_str(p.global_shape):>14} "
+                         f"{_shape_str(p.local_shape):>14}  {p.role}")
         for phase in ("forward", "backward"):
-            cs = [c for c in self.collectives if c["phase"] == phase]
+            cs = [c for c in self.collectives if c.phase == phase]
             counts = ", ".join(f"{k} x{v}" for k, v in sorted(self.counts(phase).items())) or "none"
-            total = sum(c["bytes"] for c in cs)
+            total = sum(c.bytes for c in cs)
             lines.append(f"collectives per {phase}: {counts} ({total / 2**20:.2f} MiB)")
         for c in self.collectives:
-            if c["phase"] == "forward":
-                lines.append(f"  {c['op']:<10} {_shape_str(c['shape']):>16} {c['dtype']:<8} at {c['at']}")
+            if c.phase == "forward":
+                lines.append(f"  {c.op:<10} {_shape_str(c.shape):>16} {_dtype_str(c.dtype):<8} at {c.at}")
         m = self.memory
         lines.append(f"parameter bytes per rank: {m['param_bytes_per_rank']:,} of {m['param_bytes_total']:,} "
                      f"({m['param_bytes_per_rank'] / max(m['param_bytes_total'], 1):.1%}; "
@@ -76,12 +185,109 @@ class Plan:
         return "\n".join(lines)
 
 
-def _nbytes(shape, dtype) -> int:
-    return int(math.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+def _shape_str(s) -> str:
+    return "x".join(str(v) for v in s)
 
 
-def build_plan(analysis) -> Plan:
-    gm, n = analysis.graph_module, analysis.world_size
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dim(s):
+    """A dim as an int, or a dynamic dim as its symbol's name."""
+    if isinstance(s, int):
+        return s
+    known = s.node.maybe_as_int() if isinstance(s, torch.SymInt) else int(s)
+    return int(known) if known is not None else str(s)
+
+
+def _shape(val) -> tuple:
+    return tuple(_dim(s) for s in val.shape)
+
+
+def _local(shape: tuple, val, pl: Placement, world: int) -> tuple:
+    if not isinstance(pl, Shard):
+        return shape
+    out = list(shape)
+    out[pl.dim] = local_size(_size_hint(val.shape[pl.dim]), world, pl.chunks)
+    return tuple(out)
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return int(math.prod(_size_hint(s) for s in shape)) * dtype.itemsize
+
+
+def _steps(analysis) -> list[Step]:
+    """One step per distinct (value, chain of changes) prefix: q, k and v of one attention read
+    one ``copy`` of the normed input, so its gradient is all-reduced once."""
+    chains: dict[tuple, list] = {}
+    for red in analysis.redistributions:
+        chains.setdefault((red.src, red.consumer), []).append(red)
+    made: dict[tuple, dict] = {}
+    for (src, consumer), chain in chains.items():
+        key, reads = (src,), src.name
+        for red in chain:
+            key = key + ((red.kind, red.to),)
+            if key not in made:
+                size = int(_size_hint(src.meta["val"].shape[red.frm.dim])) if isinstance(red.frm, Shard) else 0
+                made[key] = dict(name=f"autotp_{red.kind}_{len(made)}", kind=red.kind, src=src.name, reads=reads,
+                                 consumers=[], frm=red.frm, to=red.to, global_size=size)
+            reads = made[key]["name"]
+        made[key]["consumers"].append(consumer.name)
+    steps = [Step(**{**s, "consumers": tuple(s["consumers"])}) for s in made.values()]
+    for i, (node, dec) in enumerate(analysis.decisions.items()):
+        if dec.role == "row_bias":
+            steps.append(Step(f"autotp_row_all_reduce_{i}", "all_reduce", node.name, node.name, (), Partial(),
+                              Replicate(), before_bias=True))
+    return steps
+
+
+def _collectives(analysis, steps: list[Step], recompute_blocks: bool) -> list[Collective]:
+    world = analysis.world_size
+    by_name = {n.name: n for n in analysis.graph_module.graph.nodes}
+    order = {name: i for i, name in enumerate(by_name)}
+    out = []
+    for s in steps:
+        src = by_name[s.src]
+        val = src.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        kind = REDISTRIBUTIONS[s.kind]
+        shape = _shape(val)
+        phases = [("forward", kind.forward)]
+        if src in analysis.needs_grad:
+            phases.append(("backward", kind.backward))
+        for phase, op in phases:
+            if op is None:
+                continue
+            # what each rank sends: a gather (forward) sends its shard, a slice's backward its gradient slice
+            sent = s.frm if (op == "all_gather" and phase == "forward") else s.to if op == "all_gather" else None
+            why = f"{s.frm} -> {s.to}" + (" (row-parallel output, before its bias)" if s.before_bias else "")
+            out.append(Collective(op, phase, s.kind, s.frm, s.to, s.src, s.consumers, shape,
+                                  _local(shape, val, sent, world) if sent is not None else shape,
+                                  val.dtype, _nbytes(val.shape, val.dtype), why))
+    for node, dec in analysis.decisions.items():
+        if dec.role != "vocab_ce":
+            continue
+        rows = node.args[0].meta["val"].shape[0]
+        smoothing = (node.args[5] if len(node.args) > 5 else node.kwargs.get("label_smoothing", 0.0)) or 0.0
+        for reduce, sizes, why in vocab_ce_collectives(rows, smoothing):
+            shape = tuple(_dim(x) for x in sizes)
+            out.append(Collective("all_reduce", "forward", None, None, None, node.name, (), shape, shape,
+                                  torch.float32, _nbytes(sizes, torch.float32),
+                                  f"vocab-parallel cross-entropy: {why}", reduce=reduce))
+    if recompute_blocks:  # activation checkpointing: a block's forward collectives run again in backward
+        out += [Collective(c.op, "backward", c.kind, c.frm, c.to, c.at, c.consumers, c.shape, c.local_shape, c.dtype,
+                           c.bytes, f"{c.why} (recomputed: activation checkpointing)", c.reduce)
+                for c in out if c.phase == "forward" and by_name[c.at] in analysis.needs_grad
+                and block_of(by_name[c.at]) is not None]
+    # forward in graph order; backward runs the graph in reverse
+    out.sort(key=lambda c: (c.phase != "forward", order[c.at] * (1 if c.phase == "forward" else -1)))
+    return out
+
+
+def _parameters(analysis, names: dict[str, str]) -> tuple[dict[str, ParamPlan], dict[str, int]]:
+    gm, world = analysis.graph_module, analysis.world_size
     roles: dict[str, str] = {}
     for node, dec in analysis.decisions.items():
         if dec.role:
@@ -89,78 +295,50 @@ def build_plan(analysis) -> Plan:
             w = found[1] if found else node.args[0]
             if w.op == "get_attr":
                 roles.setdefault(w.target, dec.role.replace("row_bias", "row"))
-    parameters: dict[str, dict] = {}
+    params: dict[str, ParamPlan] = {}
     per_rank = total = replicated = 0
-    seen = set()
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target in seen:
+        if node.op != "get_attr" or names.get(node.target, node.target) in params:
             continue
-        seen.add(node.target)
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue
         pl = analysis.param_placements.get(node.target, Replicate())
         shape = tuple(int(s) for s in val.shape)
-        local = list(shape)
-        if isinstance(pl, Shard):
-            local[pl.dim] = local_size(shape[pl.dim], n, pl.chunks)
+        local = _local(shape, val, pl, world)
         nb, lb = _nbytes(shape, val.dtype), _nbytes(local, val.dtype)
         total += nb
         per_rank += lb
         if not isinstance(pl, Shard):
             replicated += nb
-        parameters[node.target] = {"placement": repr(pl), "global_shape": list(shape), "local_shape": local,
-                                   "role": roles.get(node.target, "replicated" if not isinstance(pl, Shard) else "sharded"),
-                                   "dtype": str(val.dtype).replace("torch.", "")}
-    collectives = []
-    seen_edges = set()
-    for red in analysis.redistributions:
-        key = (red.src, red.kind, red.to, red.frm)
-        if key in seen_edges:
-            continue
-        seen_edges.add(key)
-        val = red.src.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            continue
-        shape = [int(s) for s in val.shape]
-        entry = lambda op, phase: {"op": op, "phase": phase, "shape": shape, "dtype": str(val.dtype).replace("torch.", ""),
-                                   "bytes": _nbytes(shape, val.dtype), "at": red.src.name,
-                                   "why": f"{red.frm} -> {red.to}"}
-        grad = red.src in analysis.needs_grad
-        if red.kind == "all_reduce":
-            collectives.append(entry("all_reduce", "forward"))
-        elif red.kind == "all_gather":
-            collectives.append(entry("all_gather", "forward"))
-        elif red.kind == "copy" and grad:
-            collectives.append(entry("all_reduce", "backward"))
-        elif red.kind == "slice" and grad:
-            collectives.append(entry("all_gather", "backward"))
-    for node, dec in analysis.decisions.items():
-        if dec.role == "vocab_ce":
-            rows = int(node.args[0].meta["val"].shape[0])
-            dtype = "float32"
-            smoothing = (node.args[5] if len(node.args) > 5 else node.kwargs.get("label_smoothing", 0.0)) or 0.0
-            for shape, why in (([rows], "max of the logits"),
-                               ([rows, 3 if smoothing else 2], "target logit + sum of exp")):
-                collectives.append({"op": "all_reduce", "phase": "forward", "shape": shape, "dtype": dtype,
-                                    "bytes": _nbytes(shape, torch.float32), "at": node.name,
-                                    "why": f"vocab-parallel cross-entropy: {why}"})
-        if dec.role == "row_bias":
-            val = node.meta["val"]
-            shape = [int(s) for s in val.shape]
-            collectives.append({"op": "all_reduce", "phase": "forward", "shape": shape,
-                                "dtype": str(val.dtype).replace("torch.", ""), "bytes": _nbytes(shape, val.dtype),
-                                "at": node.name, "why": "P -> R (row-parallel output, before its bias)"})
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    names = {node.name: i for node, i in order.items()}
-    collectives.sort(key=lambda c: (c["phase"] != "forward", names.get(c["at"], 0)))
+        role = roles.get(node.target, "sharded" if isinstance(pl, Shard) else "replicated")
+        name = names.get(node.target, node.target)
+        params[name] = ParamPlan(name, node.target, pl, shape, local, val.dtype, role)
+    return params, {"param_bytes_per_rank": per_rank, "param_bytes_total": total, "param_bytes_replicated": replicated}
+
+
+def build_plan(analysis, param_names: dict[str, str] | None = None, *, recompute_blocks: bool = False) -> Plan:
+    """The ``Plan`` of an ``Analysis`` (see the module docstring).
+
+    ``param_names`` maps graph attributes to the names the plan reports (default: the same);
+    ``recompute_blocks``: activation checkpointing will recompute each transformer block in
+    backward, so the block's forward collectives are listed again there."""
+    params, memory = _parameters(analysis, param_names or {})
+    by_target = {p.target: p for p in params.values()}
+    steps = _steps(analysis)
+    nodes = {n.name: NodePlan(d.out, d.why, d.role, dict(d.local_args)) for n, d in analysis.decisions.items()}
+    for n in analysis.graph_module.graph.nodes:
+        if n.op == "get_attr" and n.target in by_target:
+            nodes[n.name] = NodePlan(by_target[n.target].placement, "parameter")
+        elif n.op == "placeholder" and analysis.placements.get(n) is not None:
+            nodes[n.name] = NodePlan(analysis.placements[n], "graph input")
     replicated_layers = {}
     for node, why in analysis.demoted.items():
         if analysis.decisions.get(node) is not None and analysis.decisions[node].role:
             continue  # demoted as a column seed, but ended up row-parallel (or vocab)
         found = linear_weight(node)
-        name = found[1].target if found else (node.args[0].target if node.args and hasattr(node.args[0], "target") else node.name)
-        replicated_layers[name] = why
-    return Plan(n, parameters, collectives,
-                {"param_bytes_per_rank": per_rank, "param_bytes_total": total, "param_bytes_replicated": replicated},
-                replicated_layers, analysis.rounds)
+        name = found[1].target if found else (node.args[0].target if node.args and hasattr(node.args[0], "target")
+                                              else node.name)
+        replicated_layers[(param_names or {}).get(name, name)] = why
+    return Plan(analysis.world_size, params, _collectives(analysis, steps, recompute_blocks), memory, replicated_layers, nodes, steps,
+                list(analysis.output_placements))

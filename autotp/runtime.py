@@ -11,25 +11,32 @@ module             forward                    backward
 ``LocalSlice``     take the local slice       all-gather of the gradient
 =================  =========================  ===============================
 
-Each takes an explicit process group and is a no-op at world size 1.  They are
+Each takes an explicit ``Communicator`` (the process group, and the same-host
+transport where one is enabled) and is a no-op at world size 1.  They are
 ``nn.Module``s so that a lowered fx graph can call them (``call_module``) and
-carry their group and layout with it.
+carry their communicator and layout with it.  ``REDISTRIBUTIONS`` is the one
+table that maps a placement change to its collectives and its module: the
+analysis names kinds from it, the plan reads their collectives from it, and
+lowering builds its modules from it.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from .placements import shard_index, take_shard
-from .samehost import comm_for
+from .placements import Partial, Placement, Replicate, Shard, shard_index, take_shard
 
 __all__ = [
-    "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout", "TPAttention", "ColumnLinear",
-    "init_process_group_from_env", "resolve_group",
+    "Communicator", "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout",
+    "TPAttention", "ColumnLinear", "RedistributionKind", "REDISTRIBUTIONS", "redistribution_chain",
+    "init_process_group_from_env", "resolve_group", "check_same_inputs",
 ]
 
 
@@ -41,28 +48,52 @@ def _rank(group) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
-def _all_reduce_(x: torch.Tensor, group) -> torch.Tensor:
-    """In-place sum over the group: through shared memory where enabled (``autotp.samehost``)."""
-    comm = comm_for(group)
-    if comm is not None:
-        return comm.all_reduce_(x)
-    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
+class Communicator:
+    """The collectives one sharded model issues: its process group, and optionally a same-host
+    transport (``autotp.samehost.SameHostComm``) for the forward all-reduces and all-gathers.
+
+    Passed explicitly to every collective module lowering creates; nothing is looked up
+    in module-global state.
+    """
+
+    def __init__(self, group=None, same_host=None):
+        self.group = group
+        self.same_host = same_host
+
+    @property
+    def world_size(self) -> int:
+        return _world(self.group)
+
+    @property
+    def rank(self) -> int:
+        return _rank(self.group)
+
+    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        """In-place sum over the group."""
+        if self.same_host is not None:
+            return self.same_host.all_reduce_(x)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        return x
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_(x.contiguous().clone())
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``x``, in rank order."""
+        if self.same_host is not None:
+            return self.same_host.all_gather(x)
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return parts
+
+    def __repr__(self) -> str:
+        return f"Communicator(world_size={self.world_size}, same_host={self.same_host is not None})"
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    return _all_reduce_(x.contiguous().clone(), group)
-
-
-def _gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, group) -> torch.Tensor:
+def _gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm: Communicator) -> torch.Tensor:
     """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout."""
-    world = _world(group)
-    comm = comm_for(group)
-    if comm is not None:
-        parts = comm.all_gather(x)
-    else:
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
+    world = comm.world_size
+    parts = comm.all_gather(x)
     if chunks == 1:
         full = torch.cat(parts, dim=dim)
         return full.narrow(dim, 0, global_size) if full.shape[dim] != global_size else full
@@ -77,8 +108,8 @@ def _slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> tor
 
 class _AllReduceFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, comm):
+        return comm.all_reduce(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -87,46 +118,46 @@ class _AllReduceFn(torch.autograd.Function):
 
 class _CopyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, comm):
+        ctx.comm = comm
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return ctx.comm.all_reduce(grad), None
 
 
 class _GatherFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, chunks, global_size, group):
-        ctx.args = (dim, chunks, group)
-        return _gather(x, dim, chunks, global_size, group)
+    def forward(ctx, x, dim, chunks, global_size, comm):
+        ctx.args = (dim, chunks, comm)
+        return _gather(x, dim, chunks, global_size, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        dim, chunks, group = ctx.args
-        return _slice(grad, dim, chunks, _rank(group), _world(group)), None, None, None, None
+        dim, chunks, comm = ctx.args
+        return _slice(grad, dim, chunks, comm.rank, comm.world_size), None, None, None, None
 
 
 class _SliceFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, chunks, group):
-        ctx.args = (dim, chunks, x.shape[dim], group)
-        return _slice(x, dim, chunks, _rank(group), _world(group)).contiguous()
+    def forward(ctx, x, dim, chunks, comm):
+        ctx.args = (dim, chunks, x.shape[dim], comm)
+        return _slice(x, dim, chunks, comm.rank, comm.world_size).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        dim, chunks, size, group = ctx.args
-        return _gather(grad, dim, chunks, size, group), None, None, None
+        dim, chunks, size, comm = ctx.args
+        return _gather(grad, dim, chunks, size, comm), None, None, None
 
 
 class _ColumnLinearFn(torch.autograd.Function):
     """y = x·Wᵀ + b (``out_in``) or b + x·W; backward overlaps the all-reduce of dx with dW, db."""
 
     @staticmethod
-    def forward(ctx, x, w, b, out_in, group):
+    def forward(ctx, x, w, b, out_in, comm):
         ctx.save_for_backward(x, w)
-        ctx.args = (out_in, group, b is not None)
+        ctx.args = (out_in, comm, b is not None)
         if out_in:
             return torch.nn.functional.linear(x, w, b)
         y = x.matmul(w)
@@ -135,14 +166,15 @@ class _ColumnLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        out_in, group, has_bias = ctx.args
+        out_in, comm, has_bias = ctx.args
         # under autocast the forward ran in a lower precision: do the backward matmuls in g's dtype
         # and hand each gradient back in its input's dtype
         wg, xg = w.to(g.dtype), x.to(g.dtype)
         work = dx = None
         if ctx.needs_input_grad[0]:
             dx = (g.matmul(wg) if out_in else g.matmul(wg.t())).to(x.dtype).contiguous()
-            work = dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=group, async_op=True)
+            # asynchronous: the process group's own all-reduce (the same-host transport is synchronous)
+            work = dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=comm.group, async_op=True)
         g2, x2 = g.reshape(-1, g.shape[-1]), xg.reshape(-1, xg.shape[-1])
         dw = (g2.t().matmul(x2) if out_in else x2.t().matmul(g2)).to(w.dtype) if ctx.needs_input_grad[1] else None
         db = g2.sum(0).to(w.dtype) if has_bias and ctx.needs_input_grad[2] else None
@@ -151,30 +183,30 @@ class _ColumnLinearFn(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-class ColumnLinear(nn.Module):
-    """A column-parallel linear fused with its ``CopyToRegion``: forward is the plain linear;
-    backward all-reduces the input gradient asynchronously while the weight gradient is computed."""
-
-    def __init__(self, group=None, *, weight_is_out_in: bool = True):
-        super().__init__()
-        self.group, self.out_in = group, weight_is_out_in
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if _world(self.group) == 1 or not torch.is_grad_enabled():
-            if self.out_in:
-                return torch.nn.functional.linear(x, w, b)
-            return torch.addmm(b, x, w) if b is not None else x.matmul(w)
-        return _ColumnLinearFn.apply(x, w, b, self.out_in, self.group)
-
-
 class _Collective(nn.Module):
-    def __init__(self, group=None):
+    def __init__(self, comm: Communicator):
         super().__init__()
-        self.group = group
+        self.comm = comm
 
     @property
     def world_size(self) -> int:
-        return _world(self.group)
+        return self.comm.world_size
+
+
+class ColumnLinear(_Collective):
+    """A column-parallel linear fused with its ``CopyToRegion``: forward is the plain linear;
+    backward all-reduces the input gradient asynchronously while the weight gradient is computed."""
+
+    def __init__(self, comm: Communicator, *, weight_is_out_in: bool = True):
+        super().__init__(comm)
+        self.out_in = weight_is_out_in
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.world_size == 1 or not torch.is_grad_enabled():
+            if self.out_in:
+                return torch.nn.functional.linear(x, w, b)
+            return torch.addmm(b, x, w) if b is not None else x.matmul(w)
+        return _ColumnLinearFn.apply(x, w, b, self.out_in, self.comm)
 
 
 class AllReduce(_Collective):
@@ -188,8 +220,8 @@ class AllReduce(_Collective):
         if self.world_size == 1:
             return x
         if not torch.is_grad_enabled() and x.is_contiguous():
-            return _all_reduce_(x, self.group)
-        return _AllReduceFn.apply(x, self.group)
+            return self.comm.all_reduce_(x)
+        return _AllReduceFn.apply(x, self.comm)
 
 
 class CopyToRegion(_Collective):
@@ -202,20 +234,20 @@ class CopyToRegion(_Collective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
             return x
-        return _CopyFn.apply(x, self.group)
+        return _CopyFn.apply(x, self.comm)
 
 
 class AllGather(_Collective):
     """forward: all-gather of ``Shard(dim, chunks)`` pieces (trimming padding); backward: local slice."""
 
-    def __init__(self, dim: int, chunks: int, global_size: int, group=None):
-        super().__init__(group)
+    def __init__(self, dim: int, chunks: int, global_size: int, comm: Communicator):
+        super().__init__(comm)
         self.dim, self.chunks, self.global_size = dim, chunks, global_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return x
-        return _GatherFn.apply(x, self.dim, self.chunks, self.global_size, self.group)
+        return _GatherFn.apply(x, self.dim, self.chunks, self.global_size, self.comm)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, chunks={self.chunks}, global_size={self.global_size}"
@@ -225,19 +257,73 @@ class LocalSlice(_Collective):
     """forward: this rank's ``Shard(dim, chunks)`` slice of a replicated value (no communication);
     backward: all-gather of the gradient."""
 
-    def __init__(self, dim: int, chunks: int, group=None):
-        super().__init__(group)
+    def __init__(self, dim: int, chunks: int, comm: Communicator):
+        super().__init__(comm)
         self.dim, self.chunks = dim, chunks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return x
         if torch.is_grad_enabled() and x.requires_grad:
-            return _SliceFn.apply(x, self.dim, self.chunks, self.group)
-        return _slice(x, self.dim, self.chunks, _rank(self.group), self.world_size)
+            return _SliceFn.apply(x, self.dim, self.chunks, self.comm)
+        return _slice(x, self.dim, self.chunks, self.comm.rank, self.world_size)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, chunks={self.chunks}"
+
+
+@dataclass(frozen=True)
+class RedistributionKind:
+    """One row of the redistribution table: a placement change and how it runs.
+
+    ``forward`` / ``backward``: the collective each pass issues (``None``: none, or local
+    work only); the backward one runs when the value needs a gradient.  ``build(frm, to,
+    global_size, comm)`` makes the module lowering inserts.
+    """
+
+    name: str
+    change: str
+    forward: str | None
+    backward: str | None
+    build: Callable[[Placement, Placement, int, Communicator], nn.Module]
+
+
+# Matches each placement change with its collectives and runtime module (Megatron's mappings).
+REDISTRIBUTIONS: dict[str, RedistributionKind] = {k.name: k for k in (
+    RedistributionKind("all_reduce", "P -> R", "all_reduce", None,
+                       lambda frm, to, size, comm: AllReduce(comm)),
+    RedistributionKind("all_gather", "S -> R", "all_gather", None,
+                       lambda frm, to, size, comm: AllGather(frm.dim, frm.chunks, size, comm)),
+    RedistributionKind("slice", "R -> S", None, "all_gather",
+                       lambda frm, to, size, comm: LocalSlice(to.dim, to.chunks, comm)),
+    RedistributionKind("copy", "R -> R (into sharded compute)", None, "all_reduce",
+                       lambda frm, to, size, comm: CopyToRegion(comm)),
+)}
+
+
+def redistribution_chain(frm: Placement, to: Placement) -> list[tuple[str, Placement, Placement]]:
+    """The kinds, in order, that take a value from ``frm`` to ``to``: ``[(kind, from, to), ...]``.
+
+    ``P -> S`` is an all-reduce then a local slice; ``S -> S'`` (another layout) an all-gather
+    then a slice.  ``R -> R`` is empty (a ``copy`` is asked for where a replicated value enters
+    sharded compute, not implied by the placements).
+    """
+    r = Replicate()
+    if frm == to:
+        return []
+    if isinstance(frm, Partial):
+        head = [("all_reduce", frm, r)]
+    elif isinstance(frm, Shard):
+        head = [("all_gather", frm, r)]
+    elif isinstance(frm, Replicate):
+        head = []
+    else:
+        raise AssertionError(f"no redistribution from {frm}")
+    if isinstance(to, Shard):
+        return head + [("slice", r, to)]
+    if isinstance(to, Replicate):
+        return head
+    raise AssertionError(f"no redistribution from {frm} to {to}")
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -342,7 +428,7 @@ def init_process_group_from_env(world_size: int | None) -> None:
             f"`torchrun --nproc_per_node {world_size} script.py`, call "
             "torch.distributed.init_process_group() first, or use autotp.parallelize() from one process"
         )
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("AUTOTP_BACKEND") != "gloo" else "gloo"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # for another, init_process_group yourself
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend)
@@ -362,3 +448,22 @@ def resolve_group(world_size: int | None, group=None):
             f"launch with --nproc_per_node {world_size} or pass world_size={actual}"
         )
     return group, actual, dist.get_rank(group)
+
+
+def check_same_inputs(args, kwargs, group) -> None:
+    """Raise if ranks were given different inputs (one MAX and one MIN all-reduce of a fingerprint)."""
+    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        return
+    fp = torch.stack([x.detach().double().sum() * 1.0 + x.numel() for x in leaves]).cpu()
+    if dist.get_backend(group) == "nccl":
+        fp = fp.cuda()
+    hi, lo = fp.clone(), fp.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    if not torch.equal(hi, lo):
+        bad = [i for i in range(len(leaves)) if hi[i] != lo[i]]
+        raise ValueError(
+            f"ranks were given different inputs (tensor input(s) {bad} differ between ranks). Every rank "
+            "must see the same inputs: seed before making random inputs (torch.manual_seed) or broadcast them"
+        )

@@ -35,18 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = ["SameHostComm", "enable_same_host_collectives", "disable_same_host_collectives", "comm_for"]
-
-_COMMS: dict = {}  # process group (None = world) -> SameHostComm
-
-
-def _key(group):
-    return group if group is not None else dist.group.WORLD
-
-
-def comm_for(group):
-    """The same-host communicator enabled for ``group``, or ``None``."""
-    return _COMMS.get(_key(group)) if _COMMS else None
+__all__ = ["SameHostComm", "enable_same_host_collectives"]
 
 
 def _host_id() -> str:
@@ -145,11 +134,12 @@ class SameHostComm:
 
 
 def enable_same_host_collectives(group=None, **kwargs) -> SameHostComm | None:
-    """Route autotp's forward all-reduces and all-gathers on ``group`` through shared memory.
+    """A same-host communicator for ``group``, where one applies; the caller owns it.
 
-    Call on every rank (collective).  Returns the communicator, or ``None`` (and changes
-    nothing) when it does not apply: world size 1, ranks on different hosts, a non-x86-64
-    CPU, or a backend other than gloo (NCCL has its own fast paths).
+    Call on every rank (collective).  Returns ``None`` when it does not apply: world size 1,
+    ranks on different hosts, a non-x86-64 CPU, or a backend other than gloo (NCCL has its
+    own fast paths).  ``autotp.shard(..., same_host_collectives=True)`` makes one per sharded
+    model and hands it to that model's collectives (``runtime.Communicator``).
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return None
@@ -157,11 +147,4 @@ def enable_same_host_collectives(group=None, **kwargs) -> SameHostComm | None:
     dist.all_gather_object(hosts, (_host_id(), platform.machine(), dist.get_backend(group)), group=group)
     if len({h for h, _, _ in hosts}) != 1 or any(m not in ("x86_64", "AMD64") or be != "gloo" for _, m, be in hosts):
         return None
-    key = _key(group)
-    if key not in _COMMS:
-        _COMMS[key] = SameHostComm(group, **kwargs)
-    return _COMMS[key]
-
-
-def disable_same_host_collectives(group=None) -> None:
-    _COMMS.pop(_key(group), None)
+    return SameHostComm(group, **kwargs)

@@ -1,16 +1,19 @@
-"""Graph passes of autotp, one pattern per file (installed as ``autotp.passes``).
+"""autotp's lowering passes, one pattern per file (installed as ``autotp.passes``).
 
-Seed passes find the patterns the analysis starts from; lowering passes turn an
-analyzed graph into one rank's graph.  Each is a function from graph to graph
-returning ``PassResult(graph_module, modified)`` and changes nothing when its
-pattern does not match.
+Each pass is a function ``(graph_module, LoweringContext) -> PassResult`` that applies
+one part of the ``Plan`` to one rank's graph and changes nothing when its pattern does
+not match.  ``autotp.pipeline.LOWERING`` lists them in the order they run.
+
+Why this package sits at the top of the repository, beside ``autotp/``, rather than
+inside it: the project was specified with that layout (``passes/`` as a first-class
+directory a contributor opens to add a rewrite), and ``setup.py``'s ``package_dir``
+installs it as ``autotp.passes`` so nothing generic lands in site-packages.  The seed
+finders are part of the analysis (``autotp/analyze.py``), not passes.
 """
-from .base import PassResult, run_passes
-from .find_linear_seeds import find_linear_seeds
-from .fuse_column_backward import fuse_column_backward
-from .find_vocab_embeddings import find_vocab_embeddings
+from .base import LoweringContext, PassError, PassResult, run_passes
 from .checkpoint_blocks import checkpoint_blocks
 from .drop_metadata_asserts import drop_metadata_asserts
+from .fuse_column_backward import fuse_column_backward
 from .insert_redistributions import insert_redistributions
 from .localize_shapes import localize_shapes
 from .lower_dropout import lower_dropout
@@ -20,8 +23,7 @@ from .lower_vocab_embedding import lower_vocab_embedding
 from .shard_parameters import shard_parameters
 
 __all__ = [
-    "PassResult", "run_passes", "find_linear_seeds", "find_vocab_embeddings", "drop_metadata_asserts",
-    "insert_redistributions", "localize_shapes", "lower_row_bias", "lower_vocab_embedding",
-    "lower_vocab_cross_entropy", "lower_dropout", "checkpoint_blocks",
-    "fuse_column_backward", "shard_parameters",
+    "LoweringContext", "PassError", "PassResult", "run_passes", "drop_metadata_asserts", "insert_redistributions",
+    "localize_shapes", "lower_row_bias", "lower_vocab_embedding", "lower_vocab_cross_entropy", "lower_dropout",
+    "checkpoint_blocks", "fuse_column_backward", "shard_parameters",
 ]

@@ -1,9 +1,13 @@
-"""Pass plumbing: the result type and a runner whose errors name the pass."""
+"""Pass plumbing: the typed lowering context, the result type, and a runner whose errors name the pass."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from torch.fx import GraphModule
+
+from autotp.plan import Plan
+from autotp.runtime import Communicator
 
 
 class PassResult(NamedTuple):
@@ -15,10 +19,35 @@ class PassError(RuntimeError):
     pass
 
 
-def nodes_with_role(gm: GraphModule, analysis, role: str) -> list[tuple[int, object]]:
-    """``(position, node)`` of every node the analysis gave ``role``; a snapshot, so the pass may edit the graph."""
+@dataclass(frozen=True)
+class LoweringContext:
+    """What a lowering pass may read: the plan it applies and this rank's facts.
+
+    Attributes:
+        plan: the ``Plan`` of the graph being lowered (placements, roles, redistribution steps).
+        rank / world_size: this rank in the tensor-parallel group.
+        comm: the communicator every collective module of this model is built with.
+        seed: base of this rank's dropout generators (``ShardConfig.seed``, or
+            ``torch.initial_seed()`` when the model was sharded).
+        load: optional ``load(name, dim, index, pad)`` giving a parameter's local slice
+            (shard-on-load); ``None`` cuts slices from the tensors the graph holds.
+        shared: optional dict shared by the graphs of one model (a generation model's
+            prefill and decode steps) so they hold the same local tensors.
+    """
+
+    plan: Plan
+    rank: int
+    world_size: int
+    comm: Communicator
+    seed: int
+    load: Callable | None = None
+    shared: dict | None = None
+
+
+def nodes_with_role(gm: GraphModule, plan: Plan, role: str) -> list[tuple[int, object]]:
+    """``(position, node)`` of every node the plan gives ``role``; a snapshot, so the pass may edit the graph."""
     return [(i, n) for i, n in enumerate(list(gm.graph.nodes))
-            if (d := analysis.decisions.get(n)) is not None and d.role == role]
+            if (d := plan.node(n)) is not None and d.role == role]
 
 
 def replace_with_module(gm: GraphModule, node, name: str, module, args: tuple):
@@ -32,12 +61,13 @@ def replace_with_module(gm: GraphModule, node, name: str, module, args: tuple):
     return new
 
 
-def run_passes(gm: GraphModule, passes: list[Callable[..., PassResult]], **kwargs) -> GraphModule:
+def run_passes(gm: GraphModule, passes: list[Callable[[GraphModule, LoweringContext], PassResult]],
+               ctx: LoweringContext) -> GraphModule:
     """Run ``passes`` in order; a failure names the pass, the passes before it, and chains the cause."""
     done: list[str] = []
     for p in passes:
         try:
-            gm = p(gm, **kwargs).graph_module
+            gm = p(gm, ctx).graph_module
         except Exception as e:  # re-raised with context
             raise PassError(f"autotp pass {p.__name__} failed (after {done or 'no passes'}): {e}") from e
         done.append(p.__name__)

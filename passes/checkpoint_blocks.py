@@ -6,31 +6,22 @@
 A block is a maximal run of nodes whose ``nn_module_stack`` names the same element
 of a module list (``transformer.h.3``, ``model.layers.3``); nodes autotp inserted
 belong to the block of the node before them.  Each run is outlined into a
-sub-graph called under non-reentrant ``torch.utils.checkpoint``; its collectives
-run again during recomputation (as in Megatron-LM), and dropout masks are replayed
+sub-graph called under non-reentrant ``torch.utils.checkpoint``; the whole block is
+recomputed, its collectives included (as in Megatron-LM), and dropout masks are replayed
 (the dropout modules' seed counters are rewound for the recomputation).
 """
 from __future__ import annotations
 
 import operator
-import re
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from .base import PassResult
+from autotp.patterns import block_of as _block_of
 
-_LIST_ELEMENT = re.compile(r"\.\d+$")
-
-
-def _block_of(node: Node) -> str | None:
-    for value in (node.meta.get("nn_module_stack") or {}).values():
-        path = value[0] if isinstance(value, tuple) else str(value)
-        if _LIST_ELEMENT.search(path):
-            return path
-    return None
+from .base import LoweringContext, PassResult
 
 
 class CheckpointedBlock(nn.Module):
@@ -62,7 +53,10 @@ class CheckpointedBlock(nn.Module):
         def nothing():
             yield
 
-        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False,
+        # early_stop=False: the whole block is recomputed, so every forward collective in it runs
+        # again in backward, as the plan lists it (stopping early would skip the block's last
+        # all-reduce, by a rule that depends on which tensors autograd happened to save)
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False, early_stop=False,
                                                  context_fn=lambda: (nothing(), replay()))
 
 
@@ -84,7 +78,7 @@ def _runs(gm: GraphModule) -> list[list[Node]]:
     return runs
 
 
-def checkpoint_blocks(gm: GraphModule, **_) -> PassResult:
+def checkpoint_blocks(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     runs = _runs(gm)
     for i, run in enumerate(runs):
         inside = set(run)

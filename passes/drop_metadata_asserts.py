@@ -16,15 +16,15 @@ from torch.fx import GraphModule
 
 from autotp.placements import Shard
 
-from .base import PassResult
+from .base import LoweringContext, PassResult
 
 
-def drop_metadata_asserts(gm: GraphModule, *, analysis=None, **_) -> PassResult:
+def drop_metadata_asserts(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
     for node in list(gm.graph.nodes):
         stale = node.op == "call_function" and node.target == torch.ops.aten._assert_tensor_metadata.default
-        if node.op == "call_module" and node.target == "_guards_fn" and analysis is not None:
-            stale = any(isinstance(analysis.placements.get(x), Shard) for x in node.all_input_nodes)
+        if node.op == "call_module" and node.target == "_guards_fn":
+            stale = any(isinstance(getattr(ctx.plan.node(x), "placement", None), Shard) for x in node.all_input_nodes)
         if stale:
             gm.graph.erase_node(node)
             modified = True

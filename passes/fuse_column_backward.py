@@ -13,17 +13,17 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from autotp.rules import linear_bias, linear_weight
+from autotp.patterns import linear_bias, linear_weight
 from autotp.runtime import ColumnLinear, CopyToRegion
 
-from .base import PassResult, nodes_with_role, replace_with_module
+from .base import LoweringContext, PassResult, nodes_with_role, replace_with_module
 
 aten = torch.ops.aten
 
 
-def fuse_column_backward(gm: GraphModule, *, analysis, group, **_) -> PassResult:
+def fuse_column_backward(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
-    for i, node in nodes_with_role(gm, analysis, "column"):
+    for i, node in nodes_with_role(gm, ctx.plan, "column"):
         if node.target not in (aten.linear.default, aten.addmm.default):
             continue
         sig, w, _, _ = linear_weight(node)
@@ -32,7 +32,7 @@ def fuse_column_backward(gm: GraphModule, *, analysis, group, **_) -> PassResult
                 and len(copy.users) == 1 and node.args[sig.w] is w):
             continue
         b = linear_bias(node, sig)
-        module = ColumnLinear(group, weight_is_out_in=node.target == aten.linear.default)
+        module = ColumnLinear(ctx.comm, weight_is_out_in=node.target == aten.linear.default)
         replace_with_module(gm, node, f"autotp_column_linear_{i}", module, (copy.args[0], w, b))
         gm.graph.erase_node(copy)
         modified = True

@@ -13,22 +13,23 @@ from torch.fx import GraphModule
 
 from autotp.placements import local_size
 
-from .base import PassResult
+from .base import LoweringContext, PassResult
 
 aten = torch.ops.aten
 
 
-def localize_shapes(gm: GraphModule, *, analysis, world_size: int, **_) -> PassResult:
+def localize_shapes(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
+    world_size = ctx.world_size
     for node in gm.graph.nodes:
-        dec = analysis.decisions.get(node)
+        dec = ctx.plan.node(node)
         if dec is None or not dec.local_args:
             continue
         if "size_dim" in dec.local_args:
             d = dec.local_args["size_dim"]
             sizes = list(node.args[1])
             if isinstance(sizes[d], int) and sizes[d] != -1:
-                sizes[d] = local_size(sizes[d], world_size, dec.out.chunks)
+                sizes[d] = local_size(sizes[d], world_size, dec.placement.chunks)
                 node.args = (node.args[0], sizes, *node.args[2:])
                 modified = True
         elif "split_dim" in dec.local_args:

@@ -20,20 +20,20 @@ from torch.fx import GraphModule
 from autotp.placements import Shard
 from autotp.runtime import TPAttention, TPDropout
 
-from .base import PassResult, replace_with_module
+from .base import LoweringContext, PassResult, replace_with_module
 
 aten = torch.ops.aten
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def lower_dropout(gm: GraphModule, *, analysis, rank: int, **_) -> PassResult:
+def lower_dropout(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
-    seed = torch.initial_seed() + 7919 * (rank + 1)
+    seed = ctx.seed + 7919 * (ctx.rank + 1)  # this rank's own sequence (see the module docstring)
     for i, node in enumerate(list(gm.graph.nodes)):
         if node.op != "call_function" or node.target not in (aten.dropout.default, aten.scaled_dot_product_attention.default):
             continue
-        dec = analysis.decisions.get(node)
-        sharded = dec is not None and isinstance(dec.out, Shard)
+        dec = ctx.plan.node(node)
+        sharded = dec is not None and isinstance(dec.placement, Shard)
         if node.target == aten.dropout.default:
             x, p = node.args[:2]
             module, args = TPDropout(float(p), sharded=sharded, seed=seed), (x,)

@@ -2,43 +2,42 @@
 
     y = linear(x_S, W_r, b)       ->   y = AllReduce(linear(x_S, W_r)) + b
     y = addmm(b, x_S, W_r)        ->   y = AllReduce(mm(x_S, W_r)) + b
+
+The all-reduce is the plan's ``Step`` with ``before_bias`` set for that linear.
 """
 from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule
 
-from autotp.placements import Partial, Replicate
-from autotp.rules import linear_bias, linear_weight
-from autotp.runtime import AllReduce
+from autotp.patterns import linear_bias, linear_weight
+from autotp.runtime import REDISTRIBUTIONS
 
-from .base import PassResult, nodes_with_role
+from .base import LoweringContext, PassResult
 
 aten = torch.ops.aten
 
 
-def lower_row_bias(gm: GraphModule, *, analysis, group, **_) -> PassResult:
+def lower_row_bias(gm: GraphModule, ctx: LoweringContext) -> PassResult:
+    nodes = {n.name: n for n in gm.graph.nodes}
     modified = False
-    for i, node in nodes_with_role(gm, analysis, "row_bias"):
+    for step in ctx.plan.steps:
+        if not step.before_bias:
+            continue
+        node = nodes[step.src]
         sig, w, _, _ = linear_weight(node)
         b = linear_bias(node, sig)
         x, wt = node.args[sig.x], node.args[sig.w]
-        name = f"autotp_row_all_reduce_{i}"
-        gm.add_submodule(name, AllReduce(group))
+        gm.add_submodule(step.name, REDISTRIBUTIONS[step.kind].build(step.frm, step.to, 0, ctx.comm))
         with gm.graph.inserting_after(node):
-            if node.target == aten.addmm.default:
-                mm = gm.graph.call_function(aten.mm.default, (x, wt))
-            else:
-                mm = gm.graph.call_function(aten.linear.default, (x, wt))
+            op = aten.mm.default if node.target == aten.addmm.default else aten.linear.default
+            mm = gm.graph.call_function(op, (x, wt))
         with gm.graph.inserting_after(mm):
-            red = gm.graph.call_module(name, (mm,))
+            red = gm.graph.call_module(step.name, (mm,))
         with gm.graph.inserting_after(red):
             out = gm.graph.call_function(aten.add.Tensor, (red, b))
         for n in (mm, red, out):
             n.meta["val"] = node.meta.get("val")
-        mm.meta["autotp"] = {"placement": Partial(), "why": "row-parallel matmul: partial sum"}
-        red.meta["autotp"] = {"placement": Replicate(), "why": "all_reduce: P -> R (row-parallel output)"}
-        out.meta["autotp"] = {"placement": Replicate(), "why": "row-parallel bias, added once"}
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         modified = True

@@ -9,15 +9,15 @@ from torch.fx import GraphModule
 
 from autotp.loss import VocabParallelCrossEntropy
 
-from .base import PassResult, nodes_with_role, replace_with_module
+from .base import LoweringContext, PassResult, nodes_with_role, replace_with_module
 
 # aten.cross_entropy_loss(self, target, weight=None, reduction=Mean, ignore_index=-100, label_smoothing=0.0)
 _DEFAULTS = {"reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
 
 
-def lower_vocab_cross_entropy(gm: GraphModule, *, analysis, group, **_) -> PassResult:
+def lower_vocab_cross_entropy(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
-    for i, node in nodes_with_role(gm, analysis, "vocab_ce"):
+    for i, node in nodes_with_role(gm, ctx.plan, "vocab_ce"):
         logits, target = node.args[:2]
         opts = dict(_DEFAULTS)
         for k, v in zip(("reduction", "ignore_index", "label_smoothing"), node.args[3:]):
@@ -26,6 +26,7 @@ def lower_vocab_cross_entropy(gm: GraphModule, *, analysis, group, **_) -> PassR
         name = f"autotp_vocab_cross_entropy_{i}"
         vocab = int(logits.meta["val"].shape[1])
         replace_with_module(gm, node, name, VocabParallelCrossEntropy(vocab, opts["reduction"], opts["ignore_index"],
-                                                         opts["label_smoothing"] or 0.0, group), (logits, target))
+                                                         opts["label_smoothing"] or 0.0, comm=ctx.comm),
+                            (logits, target))
         modified = True
     return PassResult(gm, modified)

@@ -13,12 +13,13 @@ from torch.fx import GraphModule
 
 from autotp.runtime import VocabParallelEmbedding
 
-from .base import PassResult, nodes_with_role, replace_with_module
+from .base import LoweringContext, PassResult, nodes_with_role, replace_with_module
 
 
-def lower_vocab_embedding(gm: GraphModule, *, analysis, rank: int, world_size: int, **_) -> PassResult:
+def lower_vocab_embedding(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
-    for i, node in nodes_with_role(gm, analysis, "vocab"):
+    rank, world_size = ctx.rank, ctx.world_size
+    for i, node in nodes_with_role(gm, ctx.plan, "vocab"):
         w, ids = node.args[:2]
         vocab = int(w.meta["val"].shape[0])
         rows = math.ceil(vocab / world_size)

@@ -3,12 +3,12 @@
     W[out, in]  with S(0, chunks)   ->   W_r[out / n, in]   (a copy: the full tensor is not kept)
     b[out]      with R              ->   b.clone()
 
-``load`` (optional) supplies a tensor without the full one in memory --
+``ctx.load`` (optional) supplies a tensor without the full one in memory --
 ``load(name, dim, index, pad)`` returns a slice of a sharded parameter, and
-``load(name, None, None, 0)`` a replicated one whole -- for shard-on-load; by
-default the slice is cut from the tensor the module holds.
+``load(name, None, None, 0)`` a replicated one whole, ``name`` as the plan names
+it -- for shard-on-load; by default the slice is cut from the tensor the module holds.
 
-``shared`` (optional, a dict) lets several graphs captured from one model (a
+``ctx.shared`` (optional, a dict) lets several graphs captured from one model (a
 generation model's prefill and decode steps) hold the *same* local tensors:
 keyed by the original tensor, filled by the first graph, reused by the next.
 """
@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 
 from autotp.placements import Shard, shard_index, take_shard
 
-from .base import PassResult
+from .base import LoweringContext, PassResult
 
 
 def _owner(gm: nn.Module, target: str):
@@ -31,27 +31,28 @@ def _owner(gm: nn.Module, target: str):
     return mod, leaf
 
 
-def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, load=None, shared: dict | None = None,
-                     **_) -> PassResult:
+def shard_parameters(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
-    for target, pl in analysis.param_placements.items():
+    rank, world_size, load, shared = ctx.rank, ctx.world_size, ctx.load, ctx.shared
+    for param in ctx.plan.parameters.values():
+        target, pl = param.target, param.placement
         mod, leaf = _owner(gm, target)
         full = getattr(mod, leaf)
         if shared is not None and id(full) in shared:
             done_pl, local = shared[id(full)]
             if done_pl != pl:
-                raise ValueError(f"parameter {target} was placed {done_pl} in one captured graph and {pl} in another")
+                raise ValueError(f"parameter {param.name} was placed {done_pl} in one captured graph and {pl} in another")
             _set_shared(mod, leaf, local)
             modified = True
             continue
         key = id(full)
         if not isinstance(pl, Shard):
-            own = load(target, None, None, 0) if load is not None else None
+            own = load(param.name, None, None, 0) if load is not None else None
             if own is not None:
                 _set(mod, leaf, full, own)
             elif isinstance(full, torch.Tensor) and full.device.type == "meta":
                 raise ValueError(
-                    f"tensor {target} is on the meta device: autotp.shard needs real weights "
+                    f"tensor {param.name} is on the meta device: autotp.shard needs real weights "
                     "(or a `load` callback / autotp.from_pretrained for shard-on-load)"
                 )
             # a replicated tensor is copied too: the sharded module owns its parameters (their
@@ -65,10 +66,10 @@ def shard_parameters(gm: GraphModule, *, analysis, rank: int, world_size: int, l
             continue
         index, pad = shard_index(full.shape[pl.dim], world_size, rank, pl.chunks)
         if load is not None:
-            local = load(target, pl.dim, index, pad)
+            local = load(param.name, pl.dim, index, pad)
         elif full.device.type == "meta":
             raise ValueError(
-                f"parameter {target} is on the meta device: autotp.shard needs real weights "
+                f"parameter {param.name} is on the meta device: autotp.shard needs real weights "
                 "(or a `load` callback / autotp.from_pretrained for shard-on-load)"
             )
         else:

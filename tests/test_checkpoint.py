@@ -248,12 +248,13 @@ def test_placement_that_differs_between_saving_and_loading(runs, tmp_path):
     # size 1 every local tensor is the global one, so the plan may say R for c_attn and stay true.
     _quiet()
     import autotp.checkpoint as ckpt
+    from autotp.placements import Replicate
 
     replicated, opt = _fresh(1)
     for name, p in replicated.plan.parameters.items():
         if ".c_attn." in name:
-            assert p["placement"].endswith("chunks=3)")
-            p["placement"] = "R"
+            assert repr(p.placement).endswith("chunks=3)")
+            p.placement = Replicate()
     ckpt.load(os.path.join(runs["root"], "w2"), replicated, opt)  # stored (64, 3, 64), loaded as (64, 192)
     assert _equal(ckpt.full_state_dict(replicated), runs["w2"]["saved"]) == []
     ckpt.save(tmp_path / "r", replicated, opt)

@@ -183,7 +183,7 @@ def _mlp_case(rank, world, name):
     F.mse_loss(ref_out, target).backward()
 
     res = {
-        "placements": {n: p["placement"] for n, p in sm.plan.parameters.items()},
+        "placements": {n: repr(p.placement) for n, p in sm.plan.parameters.items()},
         "local_shapes": {n: list(p.shape) for n, p in local.items()},
         "output": _close(out, ref_out),
         "grads": _param_checks(local, ref, expected, rank, world, lambda p: p.grad),
@@ -268,7 +268,7 @@ def _l4_case(rank, world):
     (ref_out * w).sum().backward()
     lw = local["emb.weight"]
     return {
-        "placements": {n: p["placement"] for n, p in sm.plan.parameters.items()},
+        "placements": {n: repr(p.placement) for n, p in sm.plan.parameters.items()},
         "local_weight_shape": list(lw.shape),
         "forward_equal": bool(torch.equal(out, ref_out)),
         "forward_err": _max_err(out, ref_out),
@@ -396,18 +396,18 @@ def assert_close(check: dict, what: str):
 def test_plan_placements_and_collectives(name, tp):
     build, expected = CASES[name]
     model, args = build(tp)
-    plan = autotp.plan(model, tp, args)
-    assert {n: p["placement"] for n, p in plan.parameters.items()} == expected
+    plan = autotp.plan(model, tp, example_inputs=args)
+    assert {n: repr(p.placement) for n, p in plan.parameters.items()} == expected
     for n, p in plan.parameters.items():
-        want = list(p["global_shape"])
+        want = list(p.global_shape)
         if expected[n] != "R":
             want[int(expected[n][2])] //= tp
-        assert p["local_shape"] == want, n
+        assert list(p.local_shape) == want, n
     # one all-reduce closes every sharded region (row-parallel output or vocab partial sum)
     assert plan.counts("forward") == {"all_reduce": 1}
     # parameter gradients need no collective; only an input that requires grad would (not counted by the plan)
     assert plan.counts("backward") == {}
-    per_rank = sum(torch.Size(p["local_shape"]).numel() * (8 if p["dtype"] == "float64" else 4)
+    per_rank = sum(torch.Size(p.local_shape).numel() * (8 if p.dtype == torch.float64 else 4)
                    for p in plan.parameters.values())
     assert plan.memory["param_bytes_per_rank"] == per_rank
 

@@ -70,8 +70,8 @@ def _run_cases(rank: int, world: int) -> dict:
             "plan_bytes": sharded.plan.memory["param_bytes_per_rank"],
             "expected_bytes": sum(_expected_local_bytes(p, world) for p in sharded.plan.parameters.values()),
             "full_copies": [n for n, p in sharded.plan.parameters.items()
-                            if p["placement"].startswith("S") and p["local_shape"] == p["global_shape"]],
-            "sharded_params": sum(p["placement"].startswith("S") for p in sharded.plan.parameters.values()),
+                            if repr(p.placement).startswith("S") and p.local_shape == p.global_shape],
+            "sharded_params": sum(repr(p.placement).startswith("S") for p in sharded.plan.parameters.values()),
         }
         if case.name.startswith("M10"):
             mask = kwargs["attention_mask"]
@@ -82,11 +82,11 @@ def _run_cases(rank: int, world: int) -> dict:
 
 def _expected_local_bytes(p: dict, world: int) -> int:
     """sharded bytes / world (each sharded dim rounded up: uneven sizes are padded) + replicated bytes."""
-    shape = list(p["global_shape"])
-    if p["placement"].startswith("S("):
-        d = int(p["placement"][2:].split(",")[0].rstrip(")"))
+    shape = list(p.global_shape)
+    if repr(p.placement).startswith("S("):
+        d = int(repr(p.placement)[2:].split(",")[0].rstrip(")"))
         shape[d] = math.ceil(shape[d] / world)
-    return math.prod(shape) * torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+    return math.prod(shape) * torch.empty((), dtype=p.dtype).element_size()
 
 
 _CACHE: dict[int, list] = {}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autotp
-from autotp.placements import Shard, shard_index
+from autotp.placements import Replicate, Shard, shard_index
 from autotp.rules import Unsupported, reshape_shard
 
 
@@ -53,32 +53,33 @@ def _mlp(names=("fc1", "fc2")):
 
 
 def test_mlp_plan_column_then_row():
-    p = autotp.plan(_mlp(), 2, (torch.randn(4, 16),))
-    assert p.parameters["fc1.weight"]["placement"] == "S(0)"
-    assert p.parameters["fc1.bias"]["placement"] == "S(0)"
-    assert p.parameters["fc2.weight"]["placement"] == "S(1)"
-    assert p.parameters["fc2.bias"]["placement"] == "R"
+    p = autotp.plan(_mlp(), 2, example_inputs=(torch.randn(4, 16),))
+    assert p.parameters["fc1.weight"].placement == Shard(0)
+    assert p.parameters["fc1.bias"].placement == Shard(0)
+    assert p.parameters["fc2.weight"].placement == Shard(1)
+    assert p.parameters["fc2.bias"].placement == Replicate()
     assert p.counts("forward") == {"all_reduce": 1}
     data = json.loads(p.to_json())
     assert data["parameters"]["fc1.weight"]["local_shape"] == [32, 16]
-    assert data["collectives"][0] == {"op": "all_reduce", "phase": "forward", "shape": [4, 16], "dtype": "float32",
-                                      "bytes": 4 * 16 * 4, "at": data["collectives"][0]["at"],
-                                      "why": "P -> R (row-parallel output, before its bias)"}
+    assert data["collectives"][0] == {"op": "all_reduce", "reduce": "sum", "phase": "forward", "kind": "all_reduce",
+                                      "change": "P -> R", "shape": [4, 16], "local_shape": [4, 16],
+                                      "dtype": "float32", "bytes": 4 * 16 * 4, "at": data["collectives"][0]["at"],
+                                      "consumers": [], "why": "P -> R (row-parallel output, before its bias)"}
     # two 64x16 weights and a 64 bias sharded over 2 ranks, plus the replicated 16 bias; fp32
     assert data["memory"]["param_bytes_per_rank"] == 4 * ((2 * 64 * 16 + 64) // 2 + 16)
     assert data["memory"]["param_bytes_total"] == 4 * (2 * 64 * 16 + 64 + 16)
 
 
 def test_renamed_modules_shard_the_same():
-    a = autotp.plan(_mlp(("fc1", "fc2")), 2, (torch.randn(4, 16),))
-    b = autotp.plan(_mlp(("zebra", "apple")), 2, (torch.randn(4, 16),))
-    assert [p["placement"] for p in a.parameters.values()] == [p["placement"] for p in b.parameters.values()]
+    a = autotp.plan(_mlp(("fc1", "fc2")), 2, example_inputs=(torch.randn(4, 16),))
+    b = autotp.plan(_mlp(("zebra", "apple")), 2, example_inputs=(torch.randn(4, 16),))
+    assert [p.placement for p in a.parameters.values()] == [p.placement for p in b.parameters.values()]
 
 
 def test_mlp_feeding_layer_norm_stays_replicated():
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.LayerNorm(64))
-    p = autotp.plan(model, 2, (torch.randn(4, 16),))
-    assert p.parameters["0.weight"]["placement"] == "R"
+    p = autotp.plan(model, 2, example_inputs=(torch.randn(4, 16),))
+    assert p.parameters["0.weight"].placement == Replicate()
     assert "layer_norm over the sharded dim" in p.replicated["0.weight"]
     assert p.counts("forward") == {}
 
@@ -98,16 +99,16 @@ class Attention(nn.Module):
 
 
 def test_heads_not_divisible_replicates_and_says_so():
-    p = autotp.plan(Attention(6), 4, (torch.randn(2, 5, 48),))
-    assert all(v["placement"] == "R" for v in p.parameters.values())
+    p = autotp.plan(Attention(6), 4, example_inputs=(torch.randn(2, 5, 48),))
+    assert all(v.placement == Replicate() for v in p.parameters.values())
     assert any("num_heads (6) is not divisible by world_size (4)" in why for why in p.replicated.values())
     with pytest.raises(ValueError, match=r"num_heads \(6\) is not divisible by world_size \(4\)"):
-        autotp.plan(Attention(6), 4, (torch.randn(2, 5, 48),), config=autotp.ShardConfig(strict=True))
+        autotp.plan(Attention(6), 4, example_inputs=(torch.randn(2, 5, 48),), config=autotp.ShardConfig(strict=True))
 
 
 def test_attention_sharded_by_heads():
-    p = autotp.plan(Attention(4), 2, (torch.randn(2, 5, 32),))
-    assert [p.parameters[f"{n}.weight"]["placement"] for n in "qkvo"] == ["S(0)", "S(0)", "S(0)", "S(1)"]
+    p = autotp.plan(Attention(4), 2, example_inputs=(torch.randn(2, 5, 32),))
+    assert [p.parameters[f"{n}.weight"].placement for n in "qkvo"] == [Shard(0), Shard(0), Shard(0), Shard(1)]
     assert p.counts("forward") == {"all_reduce": 1}
     assert p.counts("backward") == {}  # the input needs no grad, so its gradient is never reduced
 
@@ -116,10 +117,10 @@ def test_gpt2_fused_qkv_is_chunked_by_three():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_positions=32, vocab_size=100)).eval()
-    p = autotp.plan(model, 2, (torch.randint(0, 100, (1, 8)),), {"use_cache": False})
-    assert p.parameters["transformer.h.0.attn.c_attn.weight"]["placement"] == "S(1,chunks=3)"
-    assert p.parameters["transformer.h.0.attn.c_proj.weight"]["placement"] == "S(0)"
-    assert p.parameters["lm_head.weight"]["local_shape"] == [50, 64]  # tied, vocab-parallel
+    p = autotp.plan(model, 2, example_inputs=(torch.randint(0, 100, (1, 8)),), example_kwargs={"use_cache": False})
+    assert p.parameters["transformer.h.0.attn.c_attn.weight"].placement == Shard(1, chunks=3)
+    assert p.parameters["transformer.h.0.attn.c_proj.weight"].placement == Shard(0)
+    assert p.parameters["lm_head.weight"].local_shape == (50, 64)  # tied, vocab-parallel
     assert "transformer.wte.weight" not in p.parameters  # one name per tied tensor
     assert p.counts("forward") == {"all_reduce": 3, "all_gather": 1}
     # the inputs of c_attn (q, k, v at once), c_fc and the LM head: one gradient all-reduce each
@@ -138,7 +139,7 @@ def test_capture_error_says_what_to_try():
             return x
 
     with pytest.raises(autotp.CaptureError, match="what to try") as e:
-        autotp.plan(Branchy(), 2, (torch.randn(2, 4),))
+        autotp.plan(Branchy(), 2, example_inputs=(torch.randn(2, 4),))
     assert "Branchy" in str(e.value)
 
 
@@ -162,8 +163,8 @@ def test_gather_outputs_false_leaves_logits_local():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_positions=32, vocab_size=100)).eval()
     ids = torch.randint(0, 100, (1, 8))
     kw = {"labels": ids, "use_cache": False}
-    full = autotp.plan(model, 2, (ids,), kw)
-    local = autotp.plan(model, 2, (ids,), kw, config=autotp.ShardConfig(gather_outputs=False))
+    full = autotp.plan(model, 2, example_inputs=(ids,), example_kwargs=kw)
+    local = autotp.plan(model, 2, example_inputs=(ids,), example_kwargs=kw, gather_outputs=False)
     assert full.counts("forward") == {"all_reduce": 5, "all_gather": 1}  # embedding 1 + layer 2 + loss 2
     assert local.counts("forward") == {"all_reduce": 5}
 
@@ -173,8 +174,8 @@ def test_generation_steps_keep_the_cache_sharded_by_heads():
     Shard(1)); nothing gathers them, and the step's plan is 2 all-reduces per layer + 1."""
     import transformers
 
-    from autotp.generation import _analyze_graph, _final_placement, _output_leaves, capture_steps
-    from autotp.placements import Replicate
+    from autotp.generation import capture_steps
+    from autotp.pipeline import plan_graph
 
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64,
@@ -182,24 +183,22 @@ def test_generation_steps_keep_the_cache_sharded_by_heads():
     config = autotp.ShardConfig()
     _, prefill, decode, n, past_at = capture_steps(model)
     assert (n, past_at) == (2, 3)  # input_ids, attention_mask, position_ids, then the past
-    a_pre = _analyze_graph(prefill, 2, config, local_outputs=set(range(1, 5)))
-    cache = [_final_placement(a_pre, x) for x in _output_leaves(prefill)[1:]]
+    p_pre = plan_graph(prefill, 2, config, local_outputs=set(range(1, 5)))
+    cache = p_pre.outputs[1:]
     assert cache == [Shard(1)] * 4
-    a_dec = _analyze_graph(decode, 2, config, input_placements={3 + i: p for i, p in enumerate(cache)},
-                           local_outputs=set(range(1, 5)))
-    past = [x for x in decode.graph.nodes if x.op == "placeholder"][3:]
-    assert not [r for r in a_dec.redistributions if r.src in past]  # the cache is never communicated
-    assert [_final_placement(a_dec, x) for x in _output_leaves(decode)[1:]] == cache
-    from autotp.plan import build_plan
-
-    assert build_plan(a_dec).counts("forward") == {"all_reduce": 5, "all_gather": 1}
+    p_dec = plan_graph(decode, 2, config, input_placements={3 + i: p for i, p in enumerate(cache)},
+                       local_outputs=set(range(1, 5)))
+    past = [x.name for x in decode.graph.nodes if x.op == "placeholder"][3:]
+    assert not [s for s in p_dec.steps if s.src in past]  # the cache is never communicated
+    assert p_dec.outputs[1:] == cache
+    assert p_dec.counts("forward") == {"all_reduce": 5, "all_gather": 1}
     # position ids come from the caller here, yet the position table stays replicated
     wpe = next(n for n in decode.graph.nodes if n.op == "get_attr" and n.target.endswith("wpe.weight"))
-    assert a_dec.param_placements[wpe.target] == Replicate()
+    assert p_dec.node(wpe).placement == Replicate()
     # without the declaration the past would be taken as replicated and sliced: the check can fail
-    plain = _analyze_graph(decode, 2, config, local_outputs=set(range(1, 5)))
-    assert [r for r in plain.redistributions if r.src in past]
+    plain = plan_graph(decode, 2, config, local_outputs=set(range(1, 5)))
+    assert [s for s in plain.steps if s.src in past]
     # the same decisions, planned in one process by the public entry, named as the model names them
     plans = autotp.plan_generation(model, 2)
     assert plans["decode"].counts("forward") == {"all_reduce": 5, "all_gather": 1}
-    assert plans["decode"].parameters["transformer.h.0.attn.c_attn.weight"]["placement"] == "S(1,chunks=3)"
+    assert plans["decode"].parameters["transformer.h.0.attn.c_attn.weight"].placement == Shard(1, chunks=3)

@@ -156,7 +156,7 @@ def _clip_vs_unsharded(rank, world, max_norm):
     sharded(ids, labels=ids, use_cache=False).loss.backward()
     ref(ids, labels=ids, use_cache=False).loss.backward()
 
-    out = dict(sharded=sum(p["placement"].startswith("S") for p in sharded.plan.parameters.values()))
+    out = dict(sharded=sum(repr(p.placement).startswith("S") for p in sharded.plan.parameters.values()))
     out["inf"] = grad_norm(sharded, math.inf).item()
     out["ref_inf"] = max(p.grad.abs().max().item() for p in ref.parameters())
     out["measured"] = clip_grad_norm_(sharded, 1e6).item()  # measures, scales nothing

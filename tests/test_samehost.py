@@ -64,8 +64,7 @@ def _generate(rank, world):
     tp = autotp.shard_for_generation(ref, world, same_host_collectives=True)
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(5))
     kw = dict(max_new_tokens=5, pad_token_id=0, num_beams=3)
-    from autotp.samehost import comm_for
-    comm = comm_for(None)
+    comm = tp.autotp_comm.same_host
     got = tp.generate(input_ids=ids, **kw)
     after_generate = dict(comm.counts)
     with CommDebugMode() as debug, torch.no_grad():

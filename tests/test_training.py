@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from distributed import run_ranks
 
 
-def _narrow(t: torch.Tensor, placement: str, world: int, rank: int) -> torch.Tensor:
+def _narrow(t: torch.Tensor, placement, world: int, rank: int) -> torch.Tensor:
     """The reference tensor cut the way autotp shards it (zero rows appended for padding)."""
-    from autotp.placements import Shard, parse_placement, shard_index, take_shard
+    from autotp.placements import Shard, shard_index, take_shard
 
-    pl = parse_placement(placement)
+    pl = placement
     if not isinstance(pl, Shard):
         return t
     return take_shard(t, pl.dim, *shard_index(t.shape[pl.dim], world, rank, pl.chunks))
@@ -30,7 +30,7 @@ def _grad_errors(sharded, model, world, rank):
     ref = dict(model.named_parameters(remove_duplicate=False))
     worst = 0.0
     for name, p in sharded.module.named_parameters():
-        g = _narrow(ref[name].grad, sharded.plan.parameters[name]["placement"], world, rank)
+        g = _narrow(ref[name].grad, sharded.plan.parameters[name].placement, world, rank)
         worst = max(worst, (p.grad - g).abs().max().item() / max(1.0, ref[name].grad.abs().max().item()))
     return worst
 
@@ -108,7 +108,7 @@ def _run(rank: int, world: int) -> dict:
         grad_err = _grad_errors(sharded, model, world, rank)
         opt_ref.step(); opt.step(); opt_ref.zero_grad(); opt.zero_grad()
     ref_params = dict(model.named_parameters(remove_duplicate=False))
-    param_err = max((p - _narrow(ref_params[n].detach(), sharded.plan.parameters[n]["placement"], world, rank)).abs().max().item()
+    param_err = max((p - _narrow(ref_params[n].detach(), sharded.plan.parameters[n].placement, world, rank)).abs().max().item()
                     for n, p in sharded.module.named_parameters())
     res["m1"] = {"out_err": (out - ref_out).abs().max().item() / max(1.0, ref_out.abs().max().item()),
                  "grad_err": grad_err, "param_err": param_err}

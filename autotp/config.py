@@ -1,0 +1,87 @@
+"""``ShardConfig``: the options of every entry point, validated where they are made."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+__all__ = ["ShardConfig", "resolve_config"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    """Options of ``shard`` / ``plan`` / ``shard_for_generation`` / ``from_pretrained`` / ``parallelize``.
+
+    Attributes:
+        strict: raise instead of replicating a layer that cannot be sharded
+            (e.g. ``num_heads (6) is not divisible by world_size (4)``).
+        dynamic: let batch and sequence length vary between calls (the first two dims of
+            every tensor input); otherwise the sharded module accepts the example shapes only.
+            Generation steps are always captured dynamic.
+        check_inputs: on the first call, verify every rank got the same inputs (2 small
+            all-reduces); differing inputs silently corrupt results in every TP library.
+        gather_outputs: gather sharded outputs (the logits) so every rank returns the whole
+            value. ``False`` returns this rank's vocab slice instead -- for training loops that
+            only read the loss, it saves the ``[batch, seq, vocab]`` all-gather.
+        activation_checkpointing: recompute each transformer block (each element of a module
+            list) in backward instead of storing its activations.
+        same_host_collectives: when every rank runs on this host (CPU ranks, gloo), take the
+            forward all-reduces and all-gathers through shared memory (``autotp.samehost``):
+            microseconds instead of gloo's ~1 ms each. Ignored where it does not apply.
+        seed: base seed of the per-rank generators that draw dropout masks on sharded
+            activations (rank r draws from ``seed + 7919 * (r + 1)``); ``None`` takes
+            ``torch.initial_seed()`` when the model is sharded.
+
+    Raises:
+        ValueError: a field of the wrong type, or options that contradict each other.
+    """
+
+    strict: bool = False
+    dynamic: bool = False
+    check_inputs: bool = True
+    gather_outputs: bool = True
+    activation_checkpointing: bool = False
+    same_host_collectives: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ValueError(f"ShardConfig.seed must be an int or None, got {value!r}")
+            elif not isinstance(value, bool):
+                raise ValueError(f"ShardConfig.{f.name} must be True or False, got {value!r} "
+                                 f"({type(value).__name__})")
+
+    def check_for_generation(self) -> None:
+        """Raise where an option contradicts generation (which reads whole logits, in eval mode)."""
+        if not self.gather_outputs:
+            raise ValueError("gather_outputs=False contradicts generation: generate() reads the whole last-position "
+                             "logits on every rank; drop gather_outputs=False (it is for loss-only training loops)")
+        if self.activation_checkpointing:
+            raise ValueError("activation_checkpointing=True contradicts generation: it recomputes activations in "
+                             "backward, and generation runs no backward; drop it")
+
+
+def resolve_config(config: ShardConfig | None, options: dict) -> ShardConfig:
+    """The config of a call that takes ``config=`` or its fields as keywords -- not both.
+
+    Raises:
+        ValueError: both given, an unknown option name (with the valid ones), or a bad value.
+    """
+    names = [f.name for f in dataclasses.fields(ShardConfig)]
+    unknown = [k for k in options if k not in names]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, n=1)) else repr(k)
+                 for k in unknown]
+        raise ValueError(f"unknown autotp option(s) {', '.join(hints)}; the options are {', '.join(names)}")
+    if config is not None:
+        if not isinstance(config, ShardConfig):
+            raise ValueError(f"config must be an autotp.ShardConfig, got {type(config).__name__}")
+        if options:
+            raise ValueError(f"pass either config=ShardConfig(...) or keyword options, not both (got config= and "
+                             f"{', '.join(sorted(options))}); put them in the config: "
+                             f"dataclasses.replace(config, {', '.join(f'{k}=...' for k in sorted(options))})")
+        return config
+    return ShardConfig(**options)

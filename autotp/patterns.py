@@ -1,0 +1,170 @@
+"""Graph patterns: what a parameter use, a linear, an embedding lookup and a graph's outputs look like.
+
+One module answers these questions for the whole compiler -- the rules, the seed
+finders, the plan and the lowering passes all ask here, so a new spelling of a
+linear (another aten op, another weight layout) is one table entry below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import re
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
+
+aten = torch.ops.aten
+
+__all__ = ["is_tensor_node", "tensor_inputs", "param_of", "get_attr", "LinearSig", "LINEAR_OPS", "linear_weight",
+           "linear_bias", "embedding_table", "from_user_input", "output_node", "output_leaves", "block_of", "size_hint"]
+
+
+def is_tensor_node(x: Any) -> bool:
+    return isinstance(x, Node) and isinstance(x.meta.get("val"), torch.Tensor)
+
+
+def tensor_inputs(node: Node) -> list[Node]:
+    """The node's distinct inputs that carry a tensor (or a tuple of them: a split's result)."""
+    seen: list[Node] = []
+    for x in node.all_input_nodes:
+        if x not in seen and (is_tensor_node(x) or isinstance(x.meta.get("val"), (list, tuple))):
+            seen.append(x)
+    return seen
+
+
+def size_hint(s) -> int:
+    """A size as an int: a dynamic dim (``SymInt``) reads its example value without guarding on
+    it, so analysing a dynamically captured graph never specializes its shapes."""
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        return int(hint) if hint is not None else int(s)
+    return int(s)
+
+
+def get_attr(mod: nn.Module, target: str):
+    """The attribute at dotted path ``target`` (what a ``get_attr`` node reads)."""
+    for part in target.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+# Matches ops that only reorder a parameter's dims (a weight read as W^T).
+_PERMUTING = (aten.t.default, aten.transpose.int, aten.permute.default)
+
+
+def param_of(x: Any) -> tuple[Node, tuple[int, ...]] | None:
+    """If ``x`` is a parameter (``get_attr``), possibly through ``t``/``transpose``/``permute``,
+    return ``(get_attr node, perm)`` where ``perm`` maps x's dims to the parameter's dims."""
+    if not isinstance(x, Node):
+        return None
+    if x.op == "get_attr":
+        val = x.meta.get("val")
+        nd = val.dim() if isinstance(val, torch.Tensor) else 0
+        return x, tuple(range(nd))
+    if x.op == "call_function" and x.target in _PERMUTING:
+        inner = param_of(x.args[0])
+        if inner is None:
+            return None
+        base, perm = inner
+        nd = len(perm)
+        if x.target == aten.t.default:
+            order = list(reversed(range(nd)))
+        elif x.target == aten.transpose.int:
+            d0, d1 = (d % nd for d in x.args[1:3])
+            order = list(range(nd))
+            order[d0], order[d1] = order[d1], order[d0]
+        else:
+            order = [d % nd for d in x.args[1]]
+        return base, tuple(perm[o] for o in order)
+    return None
+
+
+@dataclass(frozen=True)
+class LinearSig:
+    """Where a linear op keeps its operands: argument positions, and which weight dim is the output."""
+
+    x: int
+    w: int
+    bias: int | None
+    w_out_dim: int  # the output-features dim of the weight as the op sees it
+
+
+# Matches the ops that multiply an activation by a 2-D parameter (possibly through t()).
+LINEAR_OPS = {
+    aten.linear.default: LinearSig(x=0, w=1, bias=2, w_out_dim=0),   # nn.Linear: W is (out, in)
+    aten.addmm.default: LinearSig(x=1, w=2, bias=0, w_out_dim=1),    # HF Conv1D: b + x @ W, W is (in, out)
+    aten.mm.default: LinearSig(x=0, w=1, bias=None, w_out_dim=1),
+    aten.matmul.default: LinearSig(x=0, w=1, bias=None, w_out_dim=1),
+}
+
+
+def linear_weight(node: Node) -> tuple[LinearSig, Node, int, int] | None:
+    """``(sig, weight get_attr, param out dim, param in dim)`` if ``node`` is a linear with a 2-D weight."""
+    sig = LINEAR_OPS.get(node.target) if node.op == "call_function" else None
+    if sig is None or len(node.args) <= max(sig.x, sig.w):
+        return None
+    found = param_of(node.args[sig.w])
+    if found is None:
+        return None
+    w, perm = found
+    if len(perm) != 2:
+        return None
+    out_dim = perm[sig.w_out_dim]
+    return sig, w, out_dim, 1 - out_dim
+
+
+def linear_bias(node: Node, sig: LinearSig) -> Node | None:
+    if sig.bias is None:
+        return None
+    b = node.args[sig.bias] if len(node.args) > sig.bias else node.kwargs.get("bias")
+    return b if isinstance(b, Node) else None
+
+
+def embedding_table(node: Node) -> Node | None:
+    """The table (a ``get_attr``) if ``node`` is an embedding lookup in a parameter."""
+    if node.op != "call_function" or node.target != aten.embedding.default:
+        return None
+    w = node.args[0]
+    return w if isinstance(w, Node) and w.op == "get_attr" else None
+
+
+# Matches ops through which ids stay "the user's ids".
+_ID_PASSTHROUGH = {aten.view.default, aten.reshape.default, aten.to.dtype, aten.to.dtype_layout,
+                   aten._to_copy.default, aten.contiguous.default, aten.clone.default, aten.alias.default}
+
+
+def from_user_input(x: Any) -> bool:
+    """Does ``x`` come from a graph input through views and casts only (not computed, e.g. ``arange``)?"""
+    while isinstance(x, Node):
+        if x.op == "placeholder":
+            return True
+        if x.op == "call_function" and x.target in _ID_PASSTHROUGH:
+            x = x.args[0]
+            continue
+        return False
+    return False
+
+
+def output_node(gm: GraphModule) -> Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def output_leaves(gm: GraphModule) -> list:
+    """The graph's outputs, flattened in order (what ``local_outputs`` positions index)."""
+    return pytree.tree_leaves(output_node(gm).args[0])
+
+
+_LIST_ELEMENT = re.compile(r"\.\d+$")
+
+
+def block_of(node: Node) -> str | None:
+    """The element of a module list (``transformer.h.3``, ``model.layers.3``) whose forward
+    produced ``node`` -- a transformer block -- or ``None``."""
+    for value in (node.meta.get("nn_module_stack") or {}).values():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        if _LIST_ELEMENT.search(path):
+            return path
+    return None

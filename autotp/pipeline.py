@@ -1,0 +1,111 @@
+"""The compiler pipeline: the one place that knows the order of the stages.
+
+    capture  ->  seeds + analyze  ->  plan  ->  lower  ->  run
+
+1. **capture** (``capture.export_graph``, the only ``torch.export`` call): a model, or a
+   generation step wrapping one, becomes an ATen-level fx graph.
+2. **analyze** (``analyze.analyze``): seeds from dataflow (column linears, vocab
+   embeddings), placements propagated by ``rules``, demoted to a fixpoint.
+3. **plan** (``plan.build_plan``): the typed ``Plan`` -- parameters, per-node decisions,
+   redistribution steps and every collective.  ``autotp.plan`` stops here, in one process.
+4. **lower** (``passes/``, in ``LOWERING`` order): each pass applies its part of the plan
+   to this rank's graph, given a ``LoweringContext`` (plan, rank, communicator, seed, loader).
+5. **run**: ``api.ShardedModule`` (or a generation model's steps) calls the lowered graph.
+
+Entry points call these stages and nothing else: ``shard`` / ``plan`` (``api.py``)
+through ``compile_model`` / ``plan_model``; ``shard_for_generation`` / ``plan_generation``
+(``generation.py``) through ``plan_graph`` and ``lower_graph`` on their step graphs;
+``from_pretrained`` and ``parallelize`` through ``shard_for_generation``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+import autotp.passes as P
+
+from .analyze import analyze
+from .capture import capture, drop_unused_attributes
+from .config import ShardConfig
+from .placements import Placement
+from .plan import Plan, build_plan
+from .runtime import Communicator, resolve_group
+from .samehost import enable_same_host_collectives
+
+__all__ = ["Ranks", "join_ranks", "plan_graph", "lower_graph", "lowering_context", "plan_model", "compile_model",
+           "LOWERING"]
+
+# The lowering passes in the order they run: shapes and collectives first (they read the
+# graph as analyzed), then the ops that become modules, then the parameters.
+LOWERING = [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
+            P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout, P.fuse_column_backward,
+            P.shard_parameters]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The tensor-parallel group this process is one rank of, and the communicator its collectives use."""
+
+    group: object
+    world_size: int
+    rank: int
+    comm: Communicator
+
+
+def join_ranks(world_size: int | None, group, config: ShardConfig) -> Ranks:
+    """Resolve the process group (initialising it from torchrun's environment if needed), check
+    ``world_size`` against it, and build the communicator (same-host transport where enabled)."""
+    group, world, rank = resolve_group(world_size, group)
+    same_host = enable_same_host_collectives(group) if config.same_host_collectives else None
+    return Ranks(group, world, rank, Communicator(group, same_host))
+
+
+def plan_graph(gm: GraphModule, world_size: int, config: ShardConfig, *,
+               input_placements: dict[int, Placement] | None = None, local_outputs=frozenset(),
+               param_names: dict[str, str] | None = None) -> Plan:
+    """Stages 2-3 on a captured graph: seeds, analysis, plan.
+
+    ``input_placements`` / ``local_outputs``: see ``analyze``; ``param_names``: graph
+    attribute -> the name the plan (and a ``load`` callback) uses."""
+    analysis = analyze(gm, world_size, strict=config.strict, gather_outputs=config.gather_outputs,
+                       input_placements=input_placements, local_outputs=local_outputs)
+    return build_plan(analysis, param_names, recompute_blocks=config.activation_checkpointing)
+
+
+def lowering_context(plan: Plan, ranks: Ranks, config: ShardConfig, *, load=None, shared=None) -> P.LoweringContext:
+    seed = config.seed if config.seed is not None else torch.initial_seed()
+    return P.LoweringContext(plan=plan, rank=ranks.rank, world_size=ranks.world_size, comm=ranks.comm, seed=seed,
+                             load=load, shared=shared)
+
+
+def lower_graph(gm: GraphModule, ctx: P.LoweringContext, config: ShardConfig) -> GraphModule:
+    """Stage 4: this rank's graph, with its shards, local shapes and collectives."""
+    gm = P.run_passes(gm, LOWERING, ctx)
+    if config.activation_checkpointing:
+        gm = P.run_passes(gm, [P.checkpoint_blocks], ctx)
+    drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident
+    return gm
+
+
+def plan_model(model: nn.Module, world_size: int, config: ShardConfig, example_inputs: tuple,
+               example_kwargs: dict | None) -> tuple[GraphModule, Plan, dict]:
+    """Stages 1-3 on a model: ``(captured graph, plan, timings)``."""
+    t0 = time.perf_counter()
+    gm = capture(model, example_inputs, example_kwargs, dynamic=config.dynamic)
+    t1 = time.perf_counter()
+    the_plan = plan_graph(gm, world_size, config)
+    return gm, the_plan, {"capture_s": t1 - t0, "analyze_s": time.perf_counter() - t1}
+
+
+def compile_model(model: nn.Module, ranks: Ranks, config: ShardConfig, example_inputs: tuple,
+                  example_kwargs: dict | None, *, load=None) -> tuple[GraphModule, Plan, dict]:
+    """Stages 1-4 on a model: ``(this rank's graph, plan, timings)``."""
+    gm, the_plan, timings = plan_model(model, ranks.world_size, config, example_inputs, example_kwargs)
+    t0 = time.perf_counter()
+    gm = lower_graph(gm, lowering_context(the_plan, ranks, config, load=load), config)
+    timings["lower_s"] = time.perf_counter() - t0
+    return gm, the_plan, timings

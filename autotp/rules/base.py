@@ -1,0 +1,142 @@
+"""The vocabulary of the placement rules: ``Decision``, ``Unsupported`` and what a rule may ask (``Ctx``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from ..patterns import size_hint, tensor_inputs
+from ..placements import Partial, Placement, Replicate, Shard
+
+aten = torch.ops.aten
+
+R = Replicate()
+P = Partial()
+
+
+class Unsupported(Exception):
+    """A rule cannot keep a sharded input sharded.
+
+    ``chunk_factor``: when the failure is only that the shard's chunk layout is
+    too coarse (e.g. a fused QKV output split in 3), the factor by which the
+    seeds' ``chunks`` must be multiplied for the rule to succeed.
+    """
+
+    def __init__(self, reason: str, chunk_factor: int | None = None, culprits: list | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.chunk_factor = chunk_factor
+        self.culprits = culprits  # the inputs whose shard is at fault (default: every sharded input)
+
+
+@dataclass
+class Decision:
+    out: Placement | list[Placement] | None
+    inputs: dict[Node, Placement] = field(default_factory=dict)
+    why: str = ""
+    role: str | None = None  # "column" | "row" | "row_bias" | "vocab" for linear / embedding nodes
+    local_args: dict[str, Any] = field(default_factory=dict)  # data for the lowering
+
+
+class Ctx:
+    """What a rule may ask about the graph being analyzed."""
+
+    def __init__(self, world_size: int, placements: dict[Node, Any]):
+        self.world_size = world_size
+        self.placements = placements
+        self.column_seeds: dict[Node, int] = {}  # active column seeds -> chunks
+        self.vocab_seeds: set[Node] = set()
+        self.reduced: set[Node] = set()  # partial sums with several users: all-reduced once, at the source
+        self.gather_outputs = True
+        self.input_placements: dict[int, Placement] = {}  # flat input position -> declared placement
+        self.local_outputs: frozenset[int] = frozenset()  # flat output positions left as each rank's shard
+
+    def pl(self, x: Any) -> Placement | None:
+        """Placement of an argument; ``None`` for parameters (placed on demand) and non-tensors."""
+        if not isinstance(x, Node):
+            return None
+        if x in self.reduced:
+            return R
+        return self.placements.get(x)
+
+    @staticmethod
+    def shape(x: Node) -> tuple[int, ...]:
+        val = x.meta.get("val")
+        return tuple(size_hint(s) for s in val.shape)
+
+    def padded(self, x: Node, p: Shard) -> bool:
+        return self.shape(x)[p.dim] % (self.world_size * p.chunks) != 0
+
+
+def _norm(d: int, nd: int) -> int:
+    return d % nd if nd else 0
+
+
+# --------------------------------------------------------------------------- default
+
+def rule_replicated(ctx: Ctx, node: Node) -> Decision:
+    """No rule: every input must be replicated; shards cannot pass."""
+    ins = {}
+    for x in tensor_inputs(node):
+        p = ctx.pl(x)
+        if isinstance(p, Shard) or isinstance(p, list):
+            raise Unsupported(f"no placement rule for {node.target} on a sharded input")
+        ins[x] = R
+    return Decision(R, ins, why="replicated (no sharded input)")
+
+
+# --------------------------------------------------------------------------- pointwise
+
+# Matches pointwise ops through which a partial sum stays a partial sum when every tensor
+# operand is partial: add and sub (a sum of partial sums) and copies.
+# Deliberately not mul-by-replicated or casts: those are linear too, but delaying the
+# all-reduce past them only moves it, and a value that then forks (RMSNorm's
+# ``x * rsqrt(mean(x^2))``) would be reduced twice.
+PARTIAL_LINEAR = {aten.add, aten.sub, aten.alias, aten.clone, aten.contiguous}
+
+
+def _partial_ok(node: Node, parts: list[Node], tins: list[Node]) -> bool:
+    return getattr(node.target, "overloadpacket", None) in PARTIAL_LINEAR and len(parts) == len(tins)
+
+
+def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
+    """Elementwise ops with broadcasting.
+
+    S(d) op S(d) -> S(d) (same chunks); S(d) op R -> S(d), slicing R locally when it
+    is full-size along d (free) and passing it through when it broadcasts there.
+    P op P -> P for add/sub; P * R -> P; anything else with a P input all-reduces it.
+    """
+    tins = tensor_inputs(node)
+    out_nd = len(ctx.shape(node))
+    pls = {x: ctx.pl(x) for x in tins}
+    shards = {x: p for x, p in pls.items() if isinstance(p, Shard)}
+    parts = [x for x, p in pls.items() if isinstance(p, Partial)]
+    if not shards and parts:
+        if _partial_ok(node, parts, tins):
+            return Decision(P, {x: (P if x in parts else R) for x in tins}, why="linear in a partial sum")
+        return Decision(R, {x: R for x in tins}, why="needs the full value: all-reduce")
+    if not shards:
+        return Decision(R, {x: R for x in tins}, why="replicated")
+    # Align every shard to the output's dims (broadcasting adds leading dims).
+    out_pl = None
+    for x, p in shards.items():
+        q = Shard(p.dim + out_nd - len(ctx.shape(x)), p.chunks)
+        if out_pl is None:
+            out_pl = q
+        elif q != out_pl:
+            raise Unsupported(f"operands sharded differently: {out_pl} vs {q}")
+    ins: dict[Node, Placement] = {}
+    for x in tins:
+        if x in shards:
+            ins[x] = shards[x]
+            continue
+        shp = ctx.shape(x)
+        d = out_pl.dim - (out_nd - len(shp))
+        if d >= 0 and shp[d] != 1:
+            ins[x] = Shard(d, out_pl.chunks)  # full-size replicated operand: take our slice (free)
+        else:
+            ins[x] = R  # broadcasts along the sharded dim
+    return Decision(out_pl, ins, why="pointwise on the shard")
+

@@ -1,0 +1,209 @@
+"""Rules for ops that compute: reductions, norms, attention, matmuls, linears, embeddings, the loss."""
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from ..patterns import linear_bias, linear_weight, param_of, tensor_inputs
+from ..placements import Partial, Placement, Shard
+
+from .base import P, R, Ctx, Decision, Unsupported, _norm, rule_replicated
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------- reductions / norms
+
+def rule_reduce(ctx: Ctx, node: Node) -> Decision:
+    """sum / mean over dims; over the sharded dim, sum gives a partial sum."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    nd = len(ctx.shape(x))
+    dims = node.args[1] if len(node.args) > 1 else None
+    dims = list(range(nd)) if dims in (None, []) else [_norm(d, nd) for d in ([dims] if isinstance(dims, int) else dims)]
+    keep = (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    if isinstance(p, Partial):
+        return Decision(P, {x: P}, why="reduction of a partial sum")
+    if not isinstance(p, Shard):
+        return Decision(R, {x: R}, why="replicated")
+    if p.dim in dims:
+        is_sum = node.target.overloadpacket == aten.sum
+        if is_sum and not ctx.padded(x, p):
+            return Decision(P, {x: p}, why="sum over the sharded dim: partial sum")
+        raise Unsupported("mean over the sharded dim")
+    d = p.dim if keep else p.dim - sum(1 for a in dims if a < p.dim)
+    return Decision(Shard(d, p.chunks), {x: p}, why="reduction over unsharded dims")
+
+
+def rule_softmax(ctx: Ctx, node: Node) -> Decision:
+    x = node.args[0]
+    p = ctx.pl(x)
+    dim = _norm(node.args[1], len(ctx.shape(x)))
+    if isinstance(p, Shard) and p.dim != dim:
+        return Decision(p, {x: p}, why="softmax along an unsharded dim")
+    if isinstance(p, Shard):
+        raise Unsupported("softmax along the sharded dim")
+    return Decision(R, {x: R}, why="replicated")
+
+
+def rule_layer_norm(ctx: Ctx, node: Node) -> Decision:
+    x = node.args[0]
+    p = ctx.pl(x)
+    nd = len(ctx.shape(x))
+    k = len(node.args[1])
+    rest = {a: R for a in tensor_inputs(node) if a is not x}
+    if isinstance(p, Shard):
+        if p.dim < nd - k:
+            return Decision(p, {x: p, **rest}, why="layer_norm over unsharded dims")
+        raise Unsupported("layer_norm over the sharded dim")
+    return Decision(R, {x: R, **rest}, why="replicated")
+
+
+# --------------------------------------------------------------------------- attention / matmul
+
+def rule_sdpa(ctx: Ctx, node: Node) -> Decision:
+    """scaled_dot_product_attention on (batch, heads, seq, head_dim): heads may be sharded."""
+    tins = tensor_inputs(node)
+    pls = {x: ctx.pl(x) for x in tins}
+    if all(p in (None, R) for p in pls.values()):
+        return Decision(R, {x: R for x in tins}, why="replicated")
+    shards = {x: p for x, p in pls.items() if isinstance(p, Shard)}
+    q, k, v = node.args[:3]
+    out_nd = len(ctx.shape(node))
+    head = out_nd - 3
+    layouts = set()
+    for x, p in shards.items():
+        if p.dim != head - (out_nd - len(ctx.shape(x))) or x not in (q, k, v):
+            raise Unsupported(f"attention input sharded on dim {p.dim}, not on heads", culprits=[x])
+        layouts.add(p.chunks)
+    if len(layouts) != 1:
+        raise Unsupported("q, k, v sharded with different layouts")
+    chunks = layouts.pop()
+    gqa = node.kwargs.get("enable_gqa", False)
+    ins = {}
+    for x in tins:
+        if x in shards:
+            ins[x] = shards[x]
+            continue
+        if isinstance(pls[x], Partial):
+            raise Unsupported("partial attention input")
+        shp = ctx.shape(x)
+        d = head - (out_nd - len(shp))
+        if d >= 0 and shp[d] != 1:
+            if gqa and x in (k, v) and shp[d] != ctx.shape(q)[head]:
+                raise Unsupported("replicated GQA key/value with enable_gqa")
+            ins[x] = Shard(d, chunks)
+        else:
+            ins[x] = R
+    return Decision(Shard(head, chunks), ins, why="attention on local heads")
+
+
+def rule_matmul(ctx: Ctx, node: Node) -> Decision:
+    """Activation x activation matmul/bmm (``q @ k^T``): batch dims may be sharded; a
+    shard on the contracted dim of both gives a partial sum."""
+    a, b = node.args[:2]
+    pa, pb = ctx.pl(a), ctx.pl(b)
+    sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    if not isinstance(pa, Shard) and not isinstance(pb, Shard):
+        return Decision(R, {x: R for x in (a, b) if ctx.pl(x) is not None}, why="replicated")
+    if len(sa) < 2 or len(sb) < 2:
+        raise Unsupported("matmul of vectors on a shard")
+    if (isinstance(pa, Shard) and pa.dim == len(sa) - 1 and isinstance(pb, Shard) and pb.dim == len(sb) - 2
+            and pa.chunks == pb.chunks and not ctx.padded(a, pa)):
+        return Decision(P, {a: pa, b: pb}, why="contracted dim sharded: partial sum")
+    out_pl = None
+    for x, p, s in ((a, pa, sa), (b, pb, sb)):
+        if isinstance(p, Shard):
+            if p.dim >= len(s) - 2:
+                raise Unsupported("matmul operand sharded on a matrix dim")
+            q = Shard(p.dim + len(so) - len(s), p.chunks)
+            if out_pl is not None and q != out_pl:
+                raise Unsupported("matmul operands sharded differently")
+            out_pl = q
+    ins = {}
+    for x, p, s in ((a, pa, sa), (b, pb, sb)):
+        if isinstance(p, Shard):
+            ins[x] = p
+        else:
+            d = out_pl.dim - (len(so) - len(s))
+            ins[x] = Shard(d, out_pl.chunks) if d >= 0 and s[d] != 1 else R
+    return Decision(out_pl, ins, why="batched matmul on a sharded batch dim")
+
+
+# --------------------------------------------------------------------------- linear / embedding
+
+def rule_linear(ctx: Ctx, node: Node) -> Decision:
+    found = linear_weight(node)
+    if found is None:
+        return rule_matmul(ctx, node) if node.target in (aten.matmul.default, aten.mm.default) else rule_replicated(ctx, node)
+    sig, w, w_out, w_in = found
+    x = node.args[sig.x]
+    b = linear_bias(node, sig)
+    px = ctx.pl(x)
+    nd = len(ctx.shape(x))
+    ins: dict[Node, Placement] = {}
+    if b is not None and param_of(b) is None:
+        raise Unsupported("linear with a computed bias")
+    if isinstance(px, Shard) and px.dim == nd - 1:
+        ins[x] = px
+        ins[w] = Shard(w_in, px.chunks)
+        if b is not None:
+            ins[b] = R
+            return Decision(R, ins, why="row-parallel (input sharded on the contracted dim); bias after all-reduce",
+                            role="row_bias")
+        return Decision(P, ins, why="row-parallel (input sharded on the contracted dim)", role="row")
+    if isinstance(px, Shard):
+        ins = {x: px, w: R}
+        if b is not None:
+            ins[b] = R
+        return Decision(px, ins, why="linear on a batch-sharded input")
+    chunks = ctx.column_seeds.get(node)
+    ins = {x: R, w: R}
+    if chunks is not None:
+        ins[w] = Shard(w_out, chunks)
+        if b is not None:
+            ins[b] = Shard(0, chunks)
+        return Decision(Shard(len(ctx.shape(node)) - 1, chunks), ins,
+                        why="column-parallel (output features split)", role="column")
+    if b is not None:
+        ins[b] = R
+    return Decision(R, ins, why="replicated linear")
+
+
+def rule_embedding(ctx: Ctx, node: Node) -> Decision:
+    w, ids = node.args[:2]
+    if isinstance(ctx.pl(ids), Shard):
+        raise Unsupported("embedding of sharded indices")
+    if node in ctx.vocab_seeds:
+        return Decision(P, {w: Shard(0), ids: R}, why="vocab-parallel embedding (rows split, masked lookup)",
+                        role="vocab")
+    return Decision(R, {w: R, ids: R}, why="replicated embedding")
+
+
+def rule_cross_entropy(ctx: Ctx, node: Node) -> Decision:
+    """cross_entropy_loss(logits (N, C), target): with the class dim sharded, the loss is computed
+    from the shards (``autotp.loss``: two all-reduces over ``[N]``) and comes out replicated."""
+    x, target = node.args[:2]
+    p = ctx.pl(x)
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    if not isinstance(p, Shard):
+        return rule_replicated(ctx, node)
+    if len(ctx.shape(x)) != 2 or p.dim != 1 or p.chunks != 1 or weight is not None:
+        raise Unsupported("cross-entropy on a shard other than the class dim of (N, C) logits")
+    return Decision(R, {x: p, target: R}, why="vocab-parallel cross-entropy (no logits gather)", role="vocab_ce")
+
+
+def rule_ignore(ctx: Ctx, node: Node) -> Decision:
+    """Metadata asserts and export's input guards: accept any placement (lowering drops the
+    asserts, and the guards where they read a shard)."""
+    return Decision(None, {}, why="metadata check (dropped)")
+
+
+def rule_sym_size(ctx: Ctx, node: Node) -> Decision:
+    """sym_size(x, d): a shard's size on any dim but the sharded one is the global size."""
+    x, d = node.args[0], node.args[1]
+    p = ctx.pl(x)
+    if isinstance(p, Shard) and _norm(d, len(ctx.shape(x))) == p.dim:
+        raise Unsupported("size of the sharded dim")
+    return Decision(None, {x: p} if isinstance(p, Shard) else {x: R}, why="size of an unsharded dim")
+

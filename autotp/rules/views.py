@@ -1,0 +1,218 @@
+"""Rules for ops that move data without computing: views, reshapes, permutations, slices, splits, cat."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.fx import Node
+
+from ..patterns import param_of, size_hint
+from ..placements import Partial, Shard
+
+from .base import P, R, Ctx, Decision, Unsupported, _norm
+
+aten = torch.ops.aten
+
+
+def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Split a reshape src -> dst into minimal groups of dims with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [], []
+        pi = pj = 1
+        if i < len(src):
+            gi.append(i); pi *= src[i]; i += 1
+        if j < len(dst):
+            gj.append(j); pj *= dst[j]; j += 1
+        while pi != pj or (i < len(src) and src[i] == 1 and pi == pj and j >= len(dst)):
+            if pi < pj or j >= len(dst):
+                gi.append(i); pi *= src[i]; i += 1
+            else:
+                gj.append(j); pj *= dst[j]; j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape_shard(src: tuple[int, ...], dst: tuple[int, ...], p: Shard, world: int) -> Shard:
+    """Where ``Shard(p.dim, p.chunks)`` of a tensor of shape ``src`` lands after a reshape to ``dst``.
+
+    Merge the sharded dim's group into one flat dim (chunks multiply by the sizes
+    of the dims before the shard), then split it: the shard lands on the first
+    dst dim ``j`` whose preceding group product ``A`` divides the flat chunks and
+    whose size is divisible by ``flat_chunks / A * world``.  That ``j`` is unique.
+    """
+    for gi, gj in _groups(src, dst):
+        if p.dim not in gi:
+            continue
+        flat_chunks = math.prod(src[k] for k in gi if k < p.dim) * p.chunks
+        if len(gi) == 1 and len(gj) == 1:
+            return Shard(gj[0], p.chunks)
+        if src[p.dim] % (p.chunks * world):
+            raise Unsupported(f"a padded shard (size {src[p.dim]}, world {world}) cannot be reshaped")
+        a = 1
+        hint = None
+        for j in gj:
+            if flat_chunks % a == 0:
+                pj = flat_chunks // a
+                if dst[j] % (pj * world) == 0:
+                    return Shard(j, pj)
+            elif hint is None and dst[j] % world == 0 and j != gj[-1]:
+                hint = a // math.gcd(a, flat_chunks)  # e.g. (3*H*D) -> (3, H, D): chunk by the leading 3
+            a *= dst[j]
+        lead = next((dst[j] for j in gj if dst[j] > 1), src[p.dim])
+        raise Unsupported(
+            f"num_heads ({lead}) is not divisible by world_size ({world}): reshape {list(src)} -> {list(dst)} "
+            f"splits the sharded dim {p.dim} (size {src[p.dim]}) into {lead} pieces",
+            chunk_factor=hint,
+        )
+    raise AssertionError("sharded dim not found in reshape groups")
+
+
+def rule_view(ctx: Ctx, node: Node) -> Decision:
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Partial):
+        return Decision(P, {x: P}, why="reshape of a partial sum")
+    if not isinstance(p, Shard):
+        return Decision(R, {x: R} if p is not None else {}, why="replicated")
+    q = reshape_shard(ctx.shape(x), ctx.shape(node), p, ctx.world_size)
+    return Decision(q, {x: p}, why=f"reshape moves the shard to dim {q.dim}", local_args={"size_dim": q.dim})
+
+
+def rule_flatten(ctx: Ctx, node: Node) -> Decision:
+    """flatten(x, start, end): a reshape whose arguments name dims, not sizes (nothing to localize)."""
+    dec = rule_view(ctx, node)
+    return Decision(dec.out, dec.inputs, why=dec.why)
+
+
+def rule_expand(ctx: Ctx, node: Node) -> Decision:
+    x = node.args[0]
+    p = ctx.pl(x)
+    if not isinstance(p, Shard):
+        return Decision(p or R, {x: p} if p is not None else {}, why="expand")
+    off = len(ctx.shape(node)) - len(ctx.shape(x))
+    q = Shard(p.dim + off, p.chunks)
+    return Decision(q, {x: p}, why="expand keeps the shard", local_args={"size_dim": q.dim})
+
+
+def _dim_map_rule(fn: Callable[[Node, int, int], int | None]):
+    """Rule for ops that only move dims around: ``fn(node, dim, in_ndim)`` gives the output dim."""
+
+    def rule(ctx: Ctx, node: Node) -> Decision:
+        x = node.args[0]
+        p = ctx.pl(x)
+        if p is None and param_of(node) is not None:
+            return Decision(None, {}, why="view of a parameter")
+        if isinstance(p, Partial):
+            return Decision(P, {x: P}, why="dim permutation of a partial sum")
+        if not isinstance(p, Shard):
+            return Decision(R, {x: R} if p is not None else {}, why="replicated")
+        d = fn(node, p.dim, len(ctx.shape(x)))
+        if d is None:
+            raise Unsupported(f"{node.target} removes the sharded dim {p.dim}")
+        return Decision(Shard(d, p.chunks), {x: p}, why="dims permuted")
+
+    return rule
+
+
+def _transpose_dim(node, d, nd):
+    d0, d1 = (_norm(a, nd) for a in node.args[1:3])
+    return d1 if d == d0 else d0 if d == d1 else d
+
+
+def _permute_dim(node, d, nd):
+    return [_norm(a, nd) for a in node.args[1]].index(d)
+
+
+def _t_dim(node, d, nd):
+    return nd - 1 - d
+
+
+def _unsqueeze_dim(node, d, nd):
+    u = _norm(node.args[1], nd + 1)
+    return d + 1 if u <= d else d
+
+
+def _squeeze_dim(node, d, nd):
+    dims = node.args[1] if len(node.args) > 1 else None
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else dims
+    dims = [_norm(a, nd) for a in dims]
+    if d in dims:
+        return None
+    return d - sum(1 for a in dims if a < d)
+
+
+def rule_slice(ctx: Ctx, node: Node) -> Decision:
+    x = node.args[0]
+    p = ctx.pl(x)
+    nd = len(ctx.shape(x))
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    if isinstance(p, Partial):
+        return Decision(P, {x: P}, why="slice of a partial sum")
+    if not isinstance(p, Shard):
+        return Decision(R, {x: R} if p is not None else {}, why="replicated")
+    if dim == p.dim and ctx.shape(x)[dim] != ctx.shape(node)[dim]:
+        raise Unsupported(f"slice along the sharded dim {dim}")
+    return Decision(p, {x: p}, why="slice along an unsharded dim")
+
+
+def rule_split(ctx: Ctx, node: Node) -> Decision:
+    """split / split_with_sizes / chunk: along the sharded dim, each piece keeps ``chunks / pieces``."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    shp = ctx.shape(x)
+    outs = node.meta["val"]
+    if isinstance(p, Partial):
+        return Decision([P] * len(outs), {x: P}, why="split of a partial sum")
+    if not isinstance(p, Shard):
+        return Decision([R] * len(outs), {x: R} if p is not None else {}, why="replicated")
+    dim = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(shp))
+    if dim != p.dim:
+        return Decision([p] * len(outs), {x: p}, why="split along an unsharded dim")
+    sizes = [size_hint(o.shape[dim]) for o in outs]
+    k = len(sizes)
+    if len(set(sizes)) != 1:
+        raise Unsupported(f"uneven split {sizes} of the sharded dim")
+    if ctx.padded(x, p):
+        raise Unsupported("split of a padded shard")
+    if p.chunks % k:
+        raise Unsupported(f"split into {k} pieces of a shard with {p.chunks} chunk(s)",
+                          chunk_factor=k // math.gcd(k, p.chunks))
+    q = Shard(dim, p.chunks // k)
+    if sizes[0] % (q.chunks * ctx.world_size):
+        raise Unsupported(f"split pieces of size {sizes[0]} are not divisible by world_size ({ctx.world_size})")
+    return Decision([q] * k, {x: p}, why=f"split of the sharded dim into {k} sharded pieces",
+                    local_args={"split_dim": dim})
+
+
+def rule_getitem(ctx: Ctx, node: Node) -> Decision:
+    src, idx = node.args
+    p = ctx.pl(src)
+    if isinstance(p, list):
+        return Decision(p[idx], {}, why="element of a split")
+    return Decision(p or R, {}, why="getitem")
+
+
+def rule_cat(ctx: Ctx, node: Node) -> Decision:
+    xs = node.args[0]
+    out_nd = len(ctx.shape(node))
+    dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
+    pls = {x: ctx.pl(x) for x in xs}
+    if all(isinstance(p, Partial) for p in pls.values()):
+        return Decision(P, {x: P for x in xs}, why="cat of partial sums")
+    shards = {x: p for x, p in pls.items() if isinstance(p, Shard)}
+    if not shards:
+        return Decision(R, {x: R for x in xs}, why="replicated")
+    if len(set(shards.values())) != 1:
+        raise Unsupported("cat of differently sharded tensors")
+    p = next(iter(shards.values()))
+    if p.dim == dim:
+        raise Unsupported("cat along the sharded dim")
+    ins = {}
+    for x in xs:
+        ins[x] = p if x in shards else (Shard(p.dim, p.chunks) if ctx.shape(x)[p.dim] != 1 else R)
+    return Decision(p, ins, why="cat along an unsharded dim")
+
