@@ -52,3 +52,15 @@ def run_ranks(fn, world_size: int, *args) -> list:
             with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
                 results.append(pickle.load(f)[1])
         return results
+
+
+_RESULTS: dict = {}
+
+
+def run_ranks_once(fn, world_size: int, *args) -> list:
+    """``run_ranks``, remembered per (function, world size, args): the tests of one module share
+    one spawn of ranks per world size (imports cost seconds per process)."""
+    key = (fn, world_size, args)
+    if key not in _RESULTS:
+        _RESULTS[key] = run_ranks(fn, world_size, *args)
+    return _RESULTS[key]

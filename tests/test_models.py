@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import run_ranks_once
 from model_cases import CASES, sentence_embedding
 
 
@@ -89,13 +89,8 @@ def _expected_local_bytes(p: dict, world: int) -> int:
     return math.prod(shape) * torch.empty((), dtype=p.dtype).element_size()
 
 
-_CACHE: dict[int, list] = {}
-
-
 def results(world: int) -> list[dict]:
-    if world not in _CACHE:
-        _CACHE[world] = run_ranks(_run_cases, world)
-    return _CACHE[world]
+    return run_ranks_once(_run_cases, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])

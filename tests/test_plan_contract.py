@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributed.tensor.debug import CommDebugMode
 
-from distributed import run_ranks
+from distributed import run_ranks_once
 from model_cases import CASES
 
 _OPS = {"allreduce": "all_reduce", "allgather": "all_gather"}
@@ -161,13 +161,8 @@ def _run(rank: int, world: int) -> dict:
     return res
 
 
-_CACHE: dict[int, list] = {}
-
-
 def results(world: int) -> list[dict]:
-    if world not in _CACHE:
-        _CACHE[world] = run_ranks(_run, world)
-    return _CACHE[world]
+    return run_ranks_once(_run, world)
 
 
 NAMES = [c.name for c in CASES] + ["gpt2_labels", "llama_labels_local_logits", "gpt2_labels_checkpointing",

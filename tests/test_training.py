@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed import run_ranks
+from distributed import run_ranks_once
 
 
 def _narrow(t: torch.Tensor, placement, world: int, rank: int) -> torch.Tensor:
@@ -230,13 +230,8 @@ def _run(rank: int, world: int) -> dict:
     return res
 
 
-_CACHE: dict[int, list] = {}
-
-
 def results(world: int) -> list[dict]:
-    if world not in _CACHE:
-        _CACHE[world] = run_ranks(_run, world)
-    return _CACHE[world]
+    return run_ranks_once(_run, world)
 
 
 # 2 layers: forward 1 (embedding) + 4 (layers) + 2 (loss); backward 2 per layer + 1 (LM head input)
