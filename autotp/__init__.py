@@ -17,8 +17,9 @@ from .loss import vocab_parallel_cross_entropy
 from .placements import Partial, Replicate, Shard
 from .plan import Collective, ParamPlan, Plan
 from .pretrained import from_pretrained
+from .runtime import CollectiveError
 from .version import __version__
 
 __all__ = ["shard", "plan", "Plan", "ParamPlan", "Collective", "ShardConfig", "ShardedModule", "capture",
            "CaptureError", "Replicate", "Shard", "Partial", "vocab_parallel_cross_entropy", "shard_for_generation",
-           "plan_generation", "from_pretrained", "parallelize", "Parallelized", "WorkerError", "__version__"]
+           "plan_generation", "from_pretrained", "parallelize", "Parallelized", "WorkerError", "CollectiveError", "__version__"]

@@ -36,6 +36,7 @@ from .patterns import (embedding_table, from_user_input, get_attr, is_tensor_nod
                        tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
+from .rules.padding import ZERO
 from .runtime import REDISTRIBUTIONS, redistribution_chain
 
 R = Replicate()
@@ -106,6 +107,7 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
     failures: list[Failure] = []
 
     ctx.reduced.clear()
+    ctx.pad_state.clear()
 
     def shard_origins(xs):
         out = frozenset()
@@ -140,7 +142,16 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
                                        "outputs: partial sums reduced, shards left local")
             continue
         try:
-            dec = rule_for(node)(ctx, node)
+            try:
+                dec = rule_for(node)(ctx, node)
+            except Unsupported:
+                raise
+            except Exception as crash:  # a rule's own bug must not become the user's: replicate, and say why
+                if ctx.strict:
+                    raise ValueError(f"strict=True and the placement rule for {node.format_node()} failed: "
+                                     f"{type(crash).__name__}: {crash}") from crash
+                raise Unsupported(f"the placement rule for {node.target} failed "
+                                  f"({type(crash).__name__}: {crash})") from crash
         except Unsupported as e:
             tins = tensor_inputs(node)
             orig = shard_origins(e.culprits if e.culprits is not None else tins)
@@ -152,6 +163,10 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
             dec = Decision(out, {x: R for x in tins}, why=f"replicated: {e.reason}")
         decisions[node] = dec
         pl[node] = dec.out
+        pad = dec.pad if dec.pad is not None else max(
+            (ctx.pad_of(x) for x in tensor_inputs(node) if isinstance(ctx.pl(x), Shard)), default=ZERO)
+        if pad != ZERO:
+            ctx.pad_state[node] = pad
         if isinstance(dec.out, Partial) and len(node.users) > 1:
             ctx.reduced.add(node)  # forks: reduce once here rather than once per branch
         if dec.role == "column" or dec.role == "vocab":
@@ -213,6 +228,7 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
     cache going out) rather than gathered.
     """
     ctx = Ctx(world_size, {})
+    ctx.strict = strict
     ctx.gather_outputs = gather_outputs
     ctx.input_placements = dict(input_placements or {})
     ctx.local_outputs = frozenset(local_outputs)

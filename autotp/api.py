@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 from .config import ShardConfig, resolve_config
 from .pipeline import Ranks, compile_model, join_ranks, plan_model
 from .plan import Plan
-from .runtime import check_same_inputs
+from .groups import check_same_inputs
 
 __all__ = ["plan", "shard", "ShardedModule"]
 

@@ -31,6 +31,12 @@ class ShardConfig:
         seed: base seed of the per-rank generators that draw dropout masks on sharded
             activations (rank r draws from ``seed + 7919 * (r + 1)``); ``None`` takes
             ``torch.initial_seed()`` when the model is sharded.
+        timeout_s: seconds any one collective of the sharded model may wait for the other
+            ranks before raising ``autotp.CollectiveError`` (naming the collective; the
+            same-host transport also names the ranks that did not arrive).  ``None``: 60 s
+            for same-host collectives, the process group's own timeout for c10d ones
+            (torch's default is 30 minutes; a rank that *dies* is noticed at once by gloo).
+            On NCCL ranks the process group's timeout always applies.
 
     Raises:
         ValueError: a field of the wrong type, or options that contradict each other.
@@ -43,6 +49,7 @@ class ShardConfig:
     activation_checkpointing: bool = False
     same_host_collectives: bool = False
     seed: int | None = None
+    timeout_s: float | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -50,6 +57,11 @@ class ShardConfig:
             if f.name == "seed":
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                     raise ValueError(f"ShardConfig.seed must be an int or None, got {value!r}")
+            elif f.name == "timeout_s":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not value > 0):
+                    raise ValueError(f"ShardConfig.timeout_s must be a positive number of seconds or None, "
+                                     f"got {value!r}")
             elif not isinstance(value, bool):
                 raise ValueError(f"ShardConfig.{f.name} must be True or False, got {value!r} "
                                  f"({type(value).__name__})")

@@ -36,8 +36,8 @@ from torch.export import Dim
 from .capture import CaptureError, export_graph
 from .config import ShardConfig, resolve_config
 from .patterns import get_attr, output_leaves
-from .pipeline import join_ranks, lower_graph, lowering_context, plan_graph
-from .runtime import check_same_inputs
+from .pipeline import check_plans_agree, join_ranks, lower_graph, lowering_context, plan_graph
+from .groups import check_same_inputs
 
 __all__ = ["shard_for_generation", "plan_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
            "Seq2SeqStep"]
@@ -292,6 +292,7 @@ def plan_generation(model: nn.Module, world_size: int, *, config: ShardConfig | 
 def build_steps(model: nn.Module, ranks, *, config: ShardConfig, load=None):
     """Capture, plan and lower the generation steps of ``model`` for one rank."""
     graphs, cache_pl, n, past_at, timings = _plan_steps(model, ranks.world_size, config)
+    check_plans_agree({name: p for name, (_, p) in graphs.items()}, ranks)
     t0 = time.perf_counter()
     shared: dict = {}
     lowered = {name: lower_graph(gm, lowering_context(p, ranks, config, load=load, shared=shared), config)

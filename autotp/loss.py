@@ -20,10 +20,9 @@ from __future__ import annotations
 
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .runtime import _rank, _world
+from .runtime import Communicator
 
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropy", "vocab_ce_collectives"]
 
@@ -32,8 +31,8 @@ _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, vocab_size, ignore_index, reduction, label_smoothing, group):
-        world, rank = _world(group), _rank(group)
+    def forward(ctx, logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm):
+        world, rank = comm.world_size, comm.rank
         n_local = logits.shape[-1]
         start = rank * n_local
         valid = max(0, min(n_local, vocab_size - start))  # columns past the vocab are padding
@@ -43,7 +42,7 @@ class _VocabParallelCE(torch.autograd.Function):
             x[:, valid:] = float("-inf")
         m = x.max(dim=-1).values
         if world > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            comm.all_reduce_(m, "max")
         x = x - m[:, None]
         ignored = target == ignore_index
         local_t = target - start
@@ -55,7 +54,7 @@ class _VocabParallelCE(torch.autograd.Function):
             parts.append(x[:, :valid].sum(-1))
         stacked = torch.stack(parts, dim=1)
         if world > 1:
-            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+            comm.all_reduce_(stacked, "sum")
         t, z = stacked[:, 0], stacked[:, 1]
         log_z = z.log()
         loss = log_z - t
@@ -109,7 +108,7 @@ def _check_targets(target: torch.Tensor, vocab_size: int, ignore_index: int) -> 
         )
 
 
-def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, *, group=None,
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, *, group=None, comm=None,
                                  vocab_size: int | None = None, ignore_index: int = -100,
                                  reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of vocab-sharded logits, equal to ``F.cross_entropy`` of the gathered ones.
@@ -119,6 +118,8 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
             (rank r holds ``[r * V_local, (r + 1) * V_local)``; columns past ``vocab_size`` are padding).
         target: ``(...)`` class indices, the same on every rank.
         group: the tensor-parallel process group (default: the world).
+        comm: a ``runtime.Communicator`` to issue the all-reduces through instead (a sharded
+            model passes its own: its timeout applies).
         vocab_size: the real vocab size (default ``V_local * world``).
         ignore_index / reduction / label_smoothing: as ``torch.nn.functional.cross_entropy``.
 
@@ -132,7 +133,8 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    world = _world(group)
+    comm = comm if comm is not None else Communicator(group)
+    world = comm.world_size
     n_local = logits_shard.shape[-1]
     vocab_size = vocab_size or n_local * world
     if not (n_local * (world - 1) < vocab_size <= n_local * world):
@@ -143,7 +145,7 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
     _check_targets(target, vocab_size, ignore_index)
     flat = logits_shard.reshape(-1, n_local)
     loss = _VocabParallelCE.apply(flat, target.reshape(-1), vocab_size, ignore_index, reduction,
-                                  float(label_smoothing), group)
+                                  float(label_smoothing), comm)
     return loss.view(target.shape) if reduction == "none" else loss
 
 
@@ -158,7 +160,7 @@ class VocabParallelCrossEntropy(nn.Module):
         self.ignore_index, self.label_smoothing, self.comm = ignore_index, label_smoothing, comm
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, target, group=self.comm.group, vocab_size=self.vocab_size,
+        return vocab_parallel_cross_entropy(logits, target, comm=self.comm, vocab_size=self.vocab_size,
                                             ignore_index=self.ignore_index, reduction=self.reduction,
                                             label_smoothing=self.label_smoothing)
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.fx import GraphModule
 
@@ -33,11 +34,14 @@ from .capture import capture, drop_unused_attributes
 from .config import ShardConfig
 from .placements import Placement
 from .plan import Plan, build_plan
-from .runtime import Communicator, resolve_group
+from .groups import resolve_group
+from .runtime import Communicator
 from .samehost import enable_same_host_collectives
 
-__all__ = ["Ranks", "join_ranks", "plan_graph", "lower_graph", "lowering_context", "plan_model", "compile_model",
-           "LOWERING"]
+__all__ = ["Ranks", "join_ranks", "plan_graph", "check_plans_agree", "lower_graph", "lowering_context", "plan_model",
+           "compile_model", "LOWERING"]
+
+SAME_HOST_TIMEOUT_S = 60.0  # the same-host transport's wait when ShardConfig.timeout_s is None
 
 # The lowering passes in the order they run: shapes and collectives first (they read the
 # graph as analyzed), then the ops that become modules, then the parameters.
@@ -60,8 +64,10 @@ def join_ranks(world_size: int | None, group, config: ShardConfig) -> Ranks:
     """Resolve the process group (initialising it from torchrun's environment if needed), check
     ``world_size`` against it, and build the communicator (same-host transport where enabled)."""
     group, world, rank = resolve_group(world_size, group)
-    same_host = enable_same_host_collectives(group) if config.same_host_collectives else None
-    return Ranks(group, world, rank, Communicator(group, same_host))
+    same_host = None
+    if config.same_host_collectives:
+        same_host = enable_same_host_collectives(group, timeout_s=config.timeout_s or SAME_HOST_TIMEOUT_S)
+    return Ranks(group, world, rank, Communicator(group, same_host, timeout_s=config.timeout_s))
 
 
 def plan_graph(gm: GraphModule, world_size: int, config: ShardConfig, *,
@@ -74,6 +80,27 @@ def plan_graph(gm: GraphModule, world_size: int, config: ShardConfig, *,
     analysis = analyze(gm, world_size, strict=config.strict, gather_outputs=config.gather_outputs,
                        input_placements=input_placements, local_outputs=local_outputs)
     return build_plan(analysis, param_names, recompute_blocks=config.activation_checkpointing)
+
+
+def check_plans_agree(plans: dict[str, Plan], ranks: Ranks) -> None:
+    """Raise on every rank if the ranks derived different plans (one MAX and one MIN all-reduce).
+
+    A model that traces differently per rank (Python control flow on the rank, a config or
+    input that differs) would otherwise issue different collectives and deadlock later."""
+    if ranks.world_size == 1:
+        return
+    device = "cuda" if dist.get_backend(ranks.group) == "nccl" else "cpu"
+    mine = torch.tensor([p.fingerprint() for p in plans.values()], dtype=torch.int64, device=device)
+    hi, lo = mine.clone(), mine.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=ranks.group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=ranks.group)
+    if not torch.equal(hi, lo):
+        names = [n for n, a, b in zip(plans, hi.tolist(), lo.tolist()) if a != b]
+        mine_counts = {n: (plans[n].counts("forward"), len(plans[n].parameters)) for n in names}
+        raise ValueError(
+            f"the ranks derived different plans for {', '.join(names)} (this is rank {ranks.rank}: collectives per "
+            f"forward and parameter count {mine_counts}): the model must trace the same on every rank -- no "
+            "Python control flow on the rank, the same config, and the same example inputs everywhere")
 
 
 def lowering_context(plan: Plan, ranks: Ranks, config: ShardConfig, *, load=None, shared=None) -> P.LoweringContext:
@@ -105,6 +132,7 @@ def compile_model(model: nn.Module, ranks: Ranks, config: ShardConfig, example_i
                   example_kwargs: dict | None, *, load=None) -> tuple[GraphModule, Plan, dict]:
     """Stages 1-4 on a model: ``(this rank's graph, plan, timings)``."""
     gm, the_plan, timings = plan_model(model, ranks.world_size, config, example_inputs, example_kwargs)
+    check_plans_agree({"forward": the_plan}, ranks)
     t0 = time.perf_counter()
     gm = lower_graph(gm, lowering_context(the_plan, ranks, config, load=load), config)
     timings["lower_s"] = time.perf_counter() - t0

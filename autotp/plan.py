@@ -35,6 +35,7 @@ dynamic dim is its symbol's name (``"s0"``), and ``bytes`` counts it at the exam
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -142,6 +143,13 @@ class Plan:
     def node(self, n) -> NodePlan | None:
         """The decision for fx node ``n`` (``None`` for nodes lowering added)."""
         return self.nodes.get(n.name)
+
+    def fingerprint(self) -> int:
+        """A 63-bit hash of what ranks must agree on: every collective (op, phase, shapes, dtype, in
+        order) and every parameter's placement and shapes."""
+        text = repr([(c.op, c.reduce, c.phase, c.shape, c.local_shape, str(c.dtype)) for c in self.collectives]
+                    + [(n, repr(p.placement), p.global_shape, p.local_shape) for n, p in self.parameters.items()])
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
     def counts(self, phase: str = "forward") -> dict[str, int]:
         out: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Autograd-aware collectives and the process-group helpers.
+"""Autograd-aware collectives, the communicator they share, and the redistribution table.
 
 Every collective here is one named forward/backward pair (Megatron's mappings):
 
@@ -21,7 +21,7 @@ lowering builds its modules from it.
 """
 from __future__ import annotations
 
-import os
+import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -29,14 +29,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from .placements import Partial, Placement, Replicate, Shard, shard_index, take_shard
 
 __all__ = [
-    "Communicator", "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout",
+    "Communicator", "CollectiveError", "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout",
     "TPAttention", "ColumnLinear", "RedistributionKind", "REDISTRIBUTIONS", "redistribution_chain",
-    "init_process_group_from_env", "resolve_group", "check_same_inputs",
 ]
 
 
@@ -48,17 +46,26 @@ def _rank(group) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+class CollectiveError(RuntimeError):
+    """A collective did not complete: a rank died, stalled past the timeout, or took another path."""
+
+
 class Communicator:
     """The collectives one sharded model issues: its process group, and optionally a same-host
     transport (``autotp.samehost.SameHostComm``) for the forward all-reduces and all-gathers.
 
     Passed explicitly to every collective module lowering creates; nothing is looked up
-    in module-global state.
+    in module-global state.  ``timeout_s`` bounds each wait of a c10d collective on CPU
+    (gloo) ranks; ``None`` leaves it to the process group's own timeout (NCCL ranks always
+    do: the NCCL watchdog owns timeouts there).  A collective that fails or times out raises
+    ``CollectiveError`` naming it.
     """
 
-    def __init__(self, group=None, same_host=None):
+    def __init__(self, group=None, same_host=None, *, timeout_s: float | None = None):
         self.group = group
         self.same_host = same_host
+        self.timeout_s = timeout_s
+        self.issued = 0  # c10d collectives issued (their number in errors)
 
     @property
     def world_size(self) -> int:
@@ -68,11 +75,28 @@ class Communicator:
     def rank(self) -> int:
         return _rank(self.group)
 
-    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
-        """In-place sum over the group."""
-        if self.same_host is not None:
+    def wait(self, work, what: str) -> None:
+        """Wait for an async c10d ``work``; a failure or a timeout becomes a ``CollectiveError``."""
+        self.issued += 1
+        timeout = None
+        if self.timeout_s is not None and dist.get_backend(self.group) == "gloo":
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+        try:
+            work.wait(timeout) if timeout is not None else work.wait()
+        except RuntimeError as e:
+            late = f"within {self.timeout_s:g} s " if "timed out" in str(e).lower() and timeout is not None else ""
+            raise CollectiveError(
+                f"autotp {what} (collective #{self.issued} of this model on rank {self.rank} of {self.world_size}) "
+                f"did not complete {late}({str(e).splitlines()[0][:200]}): a rank died, stalled, or took another "
+                "code path; check the other ranks' logs") from e
+
+    def all_reduce_(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place reduction (``"sum"`` or ``"max"``) over the group."""
+        if self.same_host is not None and op == "sum":
             return self.same_host.all_reduce_(x)
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        self.wait(dist.all_reduce(x, op=reduce_op, group=self.group, async_op=True),
+                  f"all_reduce ({op}) of {tuple(x.shape)} {x.dtype}")
         return x
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +107,8 @@ class Communicator:
         if self.same_host is not None:
             return self.same_host.all_gather(x)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        self.wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True),
+                  f"all_gather of {tuple(x.shape)} {x.dtype}")
         return parts
 
     def __repr__(self) -> str:
@@ -179,7 +204,7 @@ class _ColumnLinearFn(torch.autograd.Function):
         dw = (g2.t().matmul(x2) if out_in else x2.t().matmul(g2)).to(w.dtype) if ctx.needs_input_grad[1] else None
         db = g2.sum(0).to(w.dtype) if has_bias and ctx.needs_input_grad[2] else None
         if work is not None:
-            work.wait()
+            comm.wait(work, f"all_reduce (sum) of the input gradient {tuple(dx.shape)}")
         return dx, dw, db, None, None
 
 
@@ -411,59 +436,3 @@ class TPAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dropout_p={self.dropout_p}, sharded={self.sharded}"
-
-
-def init_process_group_from_env(world_size: int | None) -> None:
-    """Initialize the default group from torchrun's environment if none exists.
-
-    Raises a clear error when ``world_size`` disagrees with the launcher.
-    """
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        if world_size in (None, 1):
-            return
-        raise RuntimeError(
-            f"autotp.shard(world_size={world_size}) needs torch.distributed: launch with "
-            f"`torchrun --nproc_per_node {world_size} script.py`, call "
-            "torch.distributed.init_process_group() first, or use autotp.parallelize() from one process"
-        )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"  # for another, init_process_group yourself
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
-
-
-def resolve_group(world_size: int | None, group=None):
-    """Return ``(group, world_size, rank)``, checking ``world_size`` against the group."""
-    if world_size is not None and world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    init_process_group_from_env(world_size)
-    if not dist.is_initialized():
-        return group, 1, 0
-    actual = dist.get_world_size(group)
-    if world_size is not None and world_size != actual:
-        raise ValueError(
-            f"world_size ({world_size}) disagrees with the process group, which has {actual} ranks; "
-            f"launch with --nproc_per_node {world_size} or pass world_size={actual}"
-        )
-    return group, actual, dist.get_rank(group)
-
-
-def check_same_inputs(args, kwargs, group) -> None:
-    """Raise if ranks were given different inputs (one MAX and one MIN all-reduce of a fingerprint)."""
-    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    if not leaves:
-        return
-    fp = torch.stack([x.detach().double().sum() * 1.0 + x.numel() for x in leaves]).cpu()
-    if dist.get_backend(group) == "nccl":
-        fp = fp.cuda()
-    hi, lo = fp.clone(), fp.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    if not torch.equal(hi, lo):
-        bad = [i for i in range(len(leaves)) if hi[i] != lo[i]]
-        raise ValueError(
-            f"ranks were given different inputs (tensor input(s) {bad} differ between ranks). Every rank "
-            "must see the same inputs: seed before making random inputs (torch.manual_seed) or broadcast them"
-        )

@@ -35,6 +35,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from .runtime import CollectiveError
+
 __all__ = ["SameHostComm", "enable_same_host_collectives"]
 
 
@@ -50,7 +52,7 @@ def _host_id() -> str:
 class SameHostComm:
     """Shared-memory all-reduce (sum) and all-gather for the ranks of ``group`` on one host."""
 
-    def __init__(self, group=None, *, slot_bytes: int = 4 << 20, timeout_s: float = 300.0, directory: str | None = None):
+    def __init__(self, group=None, *, slot_bytes: int = 4 << 20, timeout_s: float = 60.0, directory: str | None = None):
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.slot_bytes = slot_bytes
@@ -87,8 +89,10 @@ class SameHostComm:
                     start = start or time.monotonic()
                     if time.monotonic() - start > self.timeout_s:
                         late = [r for r in range(self.world) if flags[r] < target]
-                        raise RuntimeError(f"same-host collective #{target}: rank(s) {late} did not arrive within "
-                                           f"{self.timeout_s:.0f} s (did a rank die, or take another code path?)")
+                        raise CollectiveError(
+                            f"autotp same-host collective #{target} on rank {self.rank} of {self.world}: rank(s) "
+                            f"{late} did not arrive within {self.timeout_s:g} s (did a rank die, stall, or take "
+                            "another code path?)")
 
     def _exchange(self, x: torch.Tensor):
         """Publish ``x`` and return the ``world`` slots (views) once every rank has published."""

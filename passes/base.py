@@ -68,7 +68,9 @@ def run_passes(gm: GraphModule, passes: list[Callable[[GraphModule, LoweringCont
     for p in passes:
         try:
             gm = p(gm, ctx).graph_module
-        except Exception as e:  # re-raised with context
+        except ValueError as e:  # the user's to fix (a tensor on meta, a checkpoint that does not fit): keep its type
+            raise ValueError(f"{e} [autotp pass {p.__name__}]") from e
+        except Exception as e:  # our own failure: re-raised with context
             raise PassError(f"autotp pass {p.__name__} failed (after {done or 'no passes'}): {e}") from e
         done.append(p.__name__)
     gm.graph.eliminate_dead_code()

@@ -69,3 +69,20 @@ def _mismatched(rank, world):
 def test_world_size_that_disagrees_with_the_group():
     for msg in run_ranks(_mismatched, 2):
         assert "world_size (4) disagrees with the process group, which has 2 ranks" in msg, msg
+
+
+def test_parameters_on_meta_need_a_loader():
+    with torch.device("meta"):
+        model = _mlp()
+    with pytest.raises(ValueError, match=r"parameter 0.weight is on the meta device: autotp.shard needs real weights "
+                                         r"\(or a `load` callback / autotp.from_pretrained"):
+        autotp.shard(model, 1, example_inputs=(torch.randn(4, 16, device="meta"),))
+
+
+def test_inputs_of_another_shape_than_a_static_capture():
+    model = _mlp()
+    sharded = autotp.shard(model, 1, example_inputs=(torch.randn(4, 16),))
+    with pytest.raises(ValueError, match=r"captured for other input shapes .* got tensor inputs of shapes "
+                                         r"\[\(5, 16\)\]\. Pass dynamic=True"):
+        sharded(torch.randn(5, 16))
+    assert autotp.shard(model, 1, example_inputs=(torch.randn(4, 16),), dynamic=True)(torch.randn(5, 16)).shape == (5, 16)

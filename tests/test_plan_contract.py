@@ -152,7 +152,7 @@ def _run(rank: int, world: int) -> dict:
         with torch.no_grad(), Recorder() as dec:
             lm(input_ids=ids if seq2seq else nxt, cache=out.cache, **again)
         check, ran = pre.log[:2], pre.log[2:]  # the first call checks that the ranks' inputs agree
-        assert [c[:1] + c[2:] for c in check] == [("all_reduce", torch.float64)] * 2, check
+        assert [c[:1] + c[2:] for c in check] == [("all_reduce", torch.int64)] * 2, check
         planned = [c for name in ("encoder", "prefill") if name in plans for c in _planned(plans[name], "forward")]
         res[f"{case_name}_prefill"] = {"forward": (planned, ran)}
         res[f"{case_name}_decode"] = {"forward": (_planned(plans["decode"], "forward"), dec.log)}

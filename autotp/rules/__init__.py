@@ -27,8 +27,9 @@ import torch
 from torch.fx import Node
 
 from .base import PARTIAL_LINEAR, Ctx, Decision, Unsupported, rule_pointwise, rule_replicated
-from .compute import (rule_cross_entropy, rule_embedding, rule_ignore, rule_layer_norm, rule_linear, rule_matmul,
-                      rule_reduce, rule_sdpa, rule_softmax, rule_sym_size)
+from .compute import (REDUCTIONS, SCANS, rule_cross_entropy, rule_embedding, rule_ignore, rule_layer_norm,
+                      rule_linear, rule_matmul, rule_native_dropout, rule_reduce, rule_reduction, rule_scan,
+                      rule_sdpa, rule_softmax, rule_sym_size)
 from .views import (_dim_map_rule, _permute_dim, _squeeze_dim, _t_dim, _transpose_dim, _unsqueeze_dim,
                     reshape_shard, rule_cat, rule_expand, rule_flatten, rule_getitem, rule_slice, rule_split,
                     rule_view)
@@ -43,10 +44,10 @@ aten = torch.ops.aten
 POINTWISE = [
     aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.rsqrt, aten.sqrt, aten.exp, aten.log,
     aten.tanh, aten.sigmoid, aten.relu, aten.gelu, aten.silu, aten.erf, aten.abs, aten.sin, aten.cos,
-    aten.where, aten.clamp, aten.minimum, aten.maximum, aten.min, aten.max, aten.dropout, aten.alias,
+    aten.where, aten.clamp, aten.minimum, aten.maximum, aten.dropout, aten.alias,
     aten.clone, aten.contiguous, aten.detach, aten.to, aten._to_copy, aten.lift_fresh_copy, aten.add_,
     aten.mul_, aten.masked_fill, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.logical_not,
-    aten.__and__, aten.__or__, aten.reciprocal, aten.square, aten.type_as, aten.native_dropout,
+    aten.__and__, aten.__or__, aten.reciprocal, aten.square, aten.type_as,
     aten.leaky_relu, aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.hardsigmoid,
     aten.log1p, aten.expm1, aten.sign, aten.floor, aten.ceil, aten.round, aten.fill, aten.zeros_like,
     aten.ones_like, aten.full_like, aten.empty_like, aten.bitwise_not, aten.relu_, aten.gelu_,
@@ -65,6 +66,8 @@ RULES.update({
     aten.split: rule_split, aten.split_with_sizes: rule_split, aten.chunk: rule_split,
     aten.cat: rule_cat,
     aten.sum: rule_reduce, aten.mean: rule_reduce,
+    **{op: rule_reduction for op in REDUCTIONS}, **{op: rule_scan for op in SCANS},
+    aten.native_dropout: rule_native_dropout,
     aten.softmax: rule_softmax, aten._softmax: rule_softmax, aten.log_softmax: rule_softmax,
     aten._log_softmax: rule_softmax,
     aten.layer_norm: rule_layer_norm,

@@ -9,6 +9,7 @@ from torch.fx import Node
 
 from ..patterns import size_hint, tensor_inputs
 from ..placements import Partial, Placement, Replicate, Shard
+from .padding import BAD, FINITE, NAMES, ZERO, pointwise_state
 
 aten = torch.ops.aten
 
@@ -38,6 +39,7 @@ class Decision:
     why: str = ""
     role: str | None = None  # "column" | "row" | "row_bias" | "vocab" for linear / embedding nodes
     local_args: dict[str, Any] = field(default_factory=dict)  # data for the lowering
+    pad: int | None = None  # the padding's state (``rules.padding``) if not the worst of the shard inputs'
 
 
 class Ctx:
@@ -50,8 +52,10 @@ class Ctx:
         self.vocab_seeds: set[Node] = set()
         self.reduced: set[Node] = set()  # partial sums with several users: all-reduced once, at the source
         self.gather_outputs = True
+        self.strict = False
         self.input_placements: dict[int, Placement] = {}  # flat input position -> declared placement
         self.local_outputs: frozenset[int] = frozenset()  # flat output positions left as each rank's shard
+        self.pad_state: dict[Node, int] = {}  # padded shards whose padding is not (known to be) zero
 
     def pl(self, x: Any) -> Placement | None:
         """Placement of an argument; ``None`` for parameters (placed on demand) and non-tensors."""
@@ -68,6 +72,14 @@ class Ctx:
 
     def padded(self, x: Node, p: Shard) -> bool:
         return self.shape(x)[p.dim] % (self.world_size * p.chunks) != 0
+
+    def pad_of(self, x: Node) -> int:
+        """The state of ``x``'s padding (``rules.padding``): ``ZERO`` unless an op made it otherwise."""
+        return self.pad_state.get(x, ZERO)
+
+    def padding_of(self, x: Node, p: Shard) -> str:
+        """``"size N over W ranks"`` for error messages."""
+        return f"size {self.shape(x)[p.dim]} over {self.world_size} ranks"
 
 
 def _norm(d: int, nd: int) -> int:
@@ -89,16 +101,22 @@ def rule_replicated(ctx: Ctx, node: Node) -> Decision:
 
 # --------------------------------------------------------------------------- pointwise
 
-# Matches pointwise ops through which a partial sum stays a partial sum when every tensor
-# operand is partial: add and sub (a sum of partial sums) and copies.
+# Matches pointwise ops through which a partial sum stays a partial sum, with how many leading
+# operands must all be partial sums: add and sub (a sum of partial sums) and copies.
 # Deliberately not mul-by-replicated or casts: those are linear too, but delaying the
 # all-reduce past them only moves it, and a value that then forks (RMSNorm's
 # ``x * rsqrt(mean(x^2))``) would be reduced twice.
-PARTIAL_LINEAR = {aten.add, aten.sub, aten.alias, aten.clone, aten.contiguous}
+PARTIAL_LINEAR = {aten.add: 2, aten.sub: 2, aten.alias: 1, aten.clone: 1, aten.contiguous: 1}
 
 
 def _partial_ok(node: Node, parts: list[Node], tins: list[Node]) -> bool:
-    return getattr(node.target, "overloadpacket", None) in PARTIAL_LINEAR and len(parts) == len(tins)
+    """Is ``node`` linear in partial sums only?  ``P + 1.0`` is not: every rank would add the
+    constant to its partial sum, and the all-reduce would count it world-size times."""
+    n = PARTIAL_LINEAR.get(getattr(node.target, "overloadpacket", None))
+    if n is None or len(parts) != len(tins):
+        return False
+    operands = list(node.args[:n]) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
+    return len(operands) == n and all(isinstance(a, Node) and a in parts for a in operands)
 
 
 def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
@@ -106,7 +124,9 @@ def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
 
     S(d) op S(d) -> S(d) (same chunks); S(d) op R -> S(d), slicing R locally when it
     is full-size along d (free) and passing it through when it broadcasts there.
-    P op P -> P for add/sub; P * R -> P; anything else with a P input all-reduces it.
+    P op P -> P for add/sub and copies; anything else with a P input (P + 1.0, P + R,
+    P * P, P / R, relu(P) ...) all-reduces it first.  On a padded shard the op must keep
+    the padding finite (``rules.padding``), or the rule refuses.
     """
     tins = tensor_inputs(node)
     out_nd = len(ctx.shape(node))
@@ -138,5 +158,15 @@ def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
             ins[x] = Shard(d, out_pl.chunks)  # full-size replicated operand: take our slice (free)
         else:
             ins[x] = R  # broadcasts along the sharded dim
-    return Decision(out_pl, ins, why="pointwise on the shard")
+    padded = [x for x, p in shards.items() if ctx.padded(x, p)]
+    if not padded:
+        return Decision(out_pl, ins, why="pointwise on the shard")
+    along = {x for x, p in ins.items() if isinstance(p, Shard)}
+    contrib = {x: ctx.pad_of(x) if x in shards else ZERO if x in along else FINITE for x in tins}
+    state = pointwise_state(node, contrib, along)
+    if state == BAD:
+        x = padded[0]
+        raise Unsupported(f"{node.target} would make the padding of an uneven shard ({ctx.padding_of(x, shards[x])})"
+                          f" {NAMES[BAD]}", culprits=padded)
+    return Decision(out_pl, ins, why="pointwise on the shard", pad=state)
 

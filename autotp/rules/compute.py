@@ -7,7 +7,8 @@ from torch.fx import Node
 from ..patterns import linear_bias, linear_weight, param_of, tensor_inputs
 from ..placements import Partial, Placement, Shard
 
-from .base import P, R, Ctx, Decision, Unsupported, _norm, rule_replicated
+from .base import P, R, Ctx, Decision, Unsupported, _norm, rule_pointwise, rule_replicated
+from .padding import BAD, FINITE, NAMES, ZERO
 
 aten = torch.ops.aten
 
@@ -30,9 +31,81 @@ def rule_reduce(ctx: Ctx, node: Node) -> Decision:
         is_sum = node.target.overloadpacket == aten.sum
         if is_sum and not ctx.padded(x, p):
             return Decision(P, {x: p}, why="sum over the sharded dim: partial sum")
-        raise Unsupported("mean over the sharded dim")
+        raise Unsupported(f"{'sum' if is_sum else 'mean'} over the sharded dim"
+                          + (f" of an uneven shard ({ctx.padding_of(x, p)})" if is_sum else ""))
     d = p.dim if keep else p.dim - sum(1 for a in dims if a < p.dim)
     return Decision(Shard(d, p.chunks), {x: p}, why="reduction over unsharded dims")
+
+
+# Matches reductions other than sum/mean (over the sharded dim they need the whole value, and a
+# partial sum must be reduced first), with what they make of zero padding over other dims:
+# None keeps the input's state; FINITE / BAD as in ``rules.padding``.
+REDUCTIONS = {
+    aten.amax: None, aten.amin: None, aten.max: None, aten.min: None, aten.prod: None,
+    aten.argmax: FINITE, aten.argmin: FINITE, aten.any: FINITE, aten.all: FINITE, aten.logsumexp: FINITE,
+    aten.var: BAD, aten.std: BAD, aten.var_mean: BAD, aten.std_mean: BAD, aten.linalg_vector_norm: BAD,
+    aten.norm: BAD,
+}
+# Matches scans along one dim (same shape out; cummax/cummin also return indices).
+SCANS = {aten.cumsum: None, aten.cumprod: None, aten.cummax: None, aten.cummin: None, aten.logcumsumexp: FINITE}
+
+
+def _outs(node: Node, p):
+    vals = node.meta.get("val")
+    return [p] * len(vals) if isinstance(vals, (list, tuple)) else p
+
+
+def _pad_after(ctx: Ctx, node: Node, x: Node, p: Shard, effect) -> int | None:
+    if not ctx.padded(x, p) or effect is None:
+        return None
+    if effect == BAD:
+        raise Unsupported(f"{node.target} would make the padding of an uneven shard ({ctx.padding_of(x, p)}) "
+                          f"{NAMES[BAD]}", culprits=[x])
+    return max(effect, ctx.pad_of(x))
+
+
+def rule_reduction(ctx: Ctx, node: Node) -> Decision:
+    """max / min / amax / argmax / prod / logsumexp / var ... over dims (tuple results too):
+    over unsharded dims the shard moves; over the sharded dim (or on a partial sum) the
+    input must be whole.  ``max.other`` / ``min.other`` are pointwise."""
+    if node.target in (aten.max.other, aten.min.other):
+        return rule_pointwise(ctx, node)
+    x = node.args[0]
+    p = ctx.pl(x)
+    nd = len(ctx.shape(x))
+    dims = node.args[1] if len(node.args) > 1 and not isinstance(node.args[1], bool) else node.kwargs.get("dim")
+    dims = list(range(nd)) if dims in (None, []) else [_norm(d, nd) for d in ([dims] if isinstance(dims, int) else dims)]
+    keep = next((a for a in node.args[2:] if isinstance(a, bool)), node.kwargs.get("keepdim", False))
+    if not isinstance(p, Shard):
+        return Decision(_outs(node, R), {x: R}, why="replicated" if p is None or p == R else "needs the whole value")
+    if p.dim in dims:
+        raise Unsupported(f"{node.target} over the sharded dim")
+    d = p.dim if keep else p.dim - sum(1 for a in dims if a < p.dim)
+    q = Shard(d, p.chunks)
+    return Decision(_outs(node, q), {x: p}, why="reduction over unsharded dims",
+                    pad=_pad_after(ctx, node, x, p, REDUCTIONS.get(node.target.overloadpacket)))
+
+
+def rule_scan(ctx: Ctx, node: Node) -> Decision:
+    """cumsum / cumprod / cummax ... along ``dim``: along an unsharded dim the shard stays."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs["dim"], len(ctx.shape(x)))
+    if not isinstance(p, Shard):
+        return Decision(_outs(node, R), {x: R}, why="replicated" if p is None or p == R else "needs the whole value")
+    if p.dim == dim:
+        raise Unsupported(f"{node.target} along the sharded dim")
+    return Decision(_outs(node, p), {x: p}, why="scan along an unsharded dim",
+                    pad=_pad_after(ctx, node, x, p, SCANS.get(node.target.overloadpacket)))
+
+
+def rule_native_dropout(ctx: Ctx, node: Node) -> Decision:
+    """native_dropout(x, p, train) -> (out, mask): both laid out like ``x``; zero stays zero."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if not isinstance(p, Shard):
+        return Decision([R, R], {x: R}, why="replicated")
+    return Decision([p, p], {x: p}, why="dropout on the shard")
 
 
 def rule_softmax(ctx: Ctx, node: Node) -> Decision:
@@ -40,7 +113,7 @@ def rule_softmax(ctx: Ctx, node: Node) -> Decision:
     p = ctx.pl(x)
     dim = _norm(node.args[1], len(ctx.shape(x)))
     if isinstance(p, Shard) and p.dim != dim:
-        return Decision(p, {x: p}, why="softmax along an unsharded dim")
+        return Decision(p, {x: p}, why="softmax along an unsharded dim", pad=_pad_after(ctx, node, x, p, FINITE))
     if isinstance(p, Shard):
         raise Unsupported("softmax along the sharded dim")
     return Decision(R, {x: R}, why="replicated")
@@ -54,7 +127,8 @@ def rule_layer_norm(ctx: Ctx, node: Node) -> Decision:
     rest = {a: R for a in tensor_inputs(node) if a is not x}
     if isinstance(p, Shard):
         if p.dim < nd - k:
-            return Decision(p, {x: p, **rest}, why="layer_norm over unsharded dims")
+            return Decision(p, {x: p, **rest}, why="layer_norm over unsharded dims",
+                            pad=_pad_after(ctx, node, x, p, FINITE))
         raise Unsupported("layer_norm over the sharded dim")
     return Decision(R, {x: R, **rest}, why="replicated")
 
@@ -145,6 +219,10 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
     if b is not None and param_of(b) is None:
         raise Unsupported("linear with a computed bias")
     if isinstance(px, Shard) and px.dim == nd - 1:
+        if ctx.padded(x, px) and ctx.pad_of(x) != ZERO:
+            raise Unsupported(f"the padding of an uneven shard ({ctx.padding_of(x, px)}) is {NAMES[ctx.pad_of(x)]}, "
+                              "not zero, where it enters a row-parallel linear (an op between the column and the "
+                              "row linear does not map 0 to 0)", culprits=[x])
         ins[x] = px
         ins[w] = Shard(w_in, px.chunks)
         if b is not None:
