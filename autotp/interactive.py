@@ -21,6 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
+from .config import resolve_config
 from .launch import WorkerPool
 
 __all__ = ["parallelize", "Parallelized"]
@@ -125,6 +126,8 @@ def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype |
     if backend != "gloo":
         raise ValueError(f"autotp.parallelize runs CPU ranks with gloo; backend={backend!r} is not supported yet. "
                          "On GPUs launch `torchrun --nproc_per_node N` and call autotp.from_pretrained on every rank")
+    options.setdefault("same_host_collectives", True)  # the workers are on this host by construction
+    resolve_config(None, options).check_for_generation()  # a bad option is the caller's error, before any worker
     made = None
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         path = str(model)
@@ -145,7 +148,6 @@ def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype |
     else:
         raise TypeError(f"autotp.parallelize takes a Hugging Face model (with save_pretrained) or a checkpoint "
                         f"path, got {type(model).__name__}; for other modules use autotp.shard under torchrun")
-    options.setdefault("same_host_collectives", True)  # the workers are on this host by construction
     payload = {"path": path, "dtype": dtype, "options": options}
     # the host's cores split between the workers, unless the user chose a thread count
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))

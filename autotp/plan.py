@@ -14,7 +14,9 @@ one process, before any rank exists, and is typed data:
   issue at run time, in order: the steps' collectives (from ``runtime.REDISTRIBUTIONS``)
   and those inside lowered ops (a row-parallel linear's all-reduce before its bias, the
   vocab-parallel cross-entropy's two); ``tests/test_plan_contract.py`` checks this list
-  against what ``CommDebugMode`` counts on every model case;
+  against what ``CommDebugMode`` counts on every model case.  Two checks run once and are
+  not listed: ranks agreeing on the plan at ``shard`` time and on the inputs at the first
+  call (two small all-reduces each);
 * ``outputs``: the placement each flat output is returned with;
 * ``memory`` and ``replicated`` (layers left whole, and why).
 

@@ -91,6 +91,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
     g.add_argument("--load", help="directory to resume from (its latest checkpoint; none there: start fresh)")
     g.add_argument("--ckpt-step", type=int, default=None, help="with --load: resume from this iteration")
+    g.add_argument("--fail-at-iteration", type=int, default=None, metavar="N",
+                   help="testing elastic restarts: right after iteration N the last rank exits with status 1 "
+                        "(os._exit: no cleanup, like a crashed worker), once: it first writes the marker file "
+                        "failed_at_iteration_N into --save, and a run that finds that marker does not fail. Under "
+                        "torchrun --max-restarts 1 with --load set to --save, torchrun restarts every rank and "
+                        "they resume from the last checkpoint. Use --standalone (or --rdzv-backend c10d) and set "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with a rendezvous store shared across restarts "
+                        "(torchrun's default static rendezvous, or c10d without that variable) a restarted rank "
+                        "can read the previous attempt's addresses and fail or hang (pytorch/pytorch#135712)")
     args = ap.parse_args(argv)
 
     args.recompute_activations = args.recompute_activations or args.activations_checkpoint_method is not None
@@ -111,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lr_warmup_iters = int(round((args.lr_warmup_fraction or 0.0) * args.lr_decay_iters))
     if args.save_interval is None:
         args.save_interval = args.train_iters
+    if args.fail_at_iteration is not None and not args.save:
+        ap.error("--fail-at-iteration needs --save (its marker file goes there)")
     if args.save_interval < 1 or args.log_interval < 1 or args.eval_interval < 1:
         ap.error("--save-interval, --log-interval and --eval-interval must be >= 1")
     return args
@@ -270,6 +281,20 @@ def load_checkpoint(args, sharded, optimizer, scaler) -> tuple[int, int]:
     return iteration, consumed
 
 
+def fail_once(args, rank: int, world: int, iteration: int) -> None:
+    """--fail-at-iteration: the last rank dies here unless a marker says it already did."""
+    marker = os.path.join(args.save, f"failed_at_iteration_{iteration}")
+    if rank != world - 1 or os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(f"rank {rank} exited after iteration {iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    print(f" > --fail-at-iteration {iteration}: rank {rank} exits with status 1 (once: {marker} now exists)",
+          flush=True)
+    os._exit(1)
+
+
 def make_scaler(args, sharded):
     """fp16's dynamic loss scale, or None. With TP the overflow check must agree across ranks
     (a rank whose shard overflowed must not be the only one to skip), hence the sharded scaler."""
@@ -400,6 +425,8 @@ def main(argv=None) -> None:
                         f"tokens per second: {tokens_per_iter / dt:.0f} |")
             window = new_window()
             t_window = time.perf_counter()
+        if iteration == args.fail_at_iteration:
+            fail_once(args, rank, world, iteration)
         t_pause = time.perf_counter()  # evaluation and saving are not iteration time
         if valid_ds is not None and iteration % args.eval_interval == 0 and iteration != args.train_iters:
             report_eval(f"at iteration {iteration}", evaluate(sharded, valid_ds, args, device, autocast))

@@ -6,7 +6,9 @@ seconds of imports):
 * world 2 and world 4: train 3 AdamW steps, ``save``, ``export_hf`` (world 2), take one
   more step; world 4 also loads world 2's checkpoint into a fresh module (2 -> 4);
 * world 2 again, fresh processes: resume world 2's checkpoint (exact), load world 4's
-  (4 -> 2, resharding lm_head's padded vocab and c_attn's chunks).
+  (4 -> 2, resharding lm_head's padded vocab and c_attn's chunks), and try bad checkpoints
+  (another model's, one with a shard file missing, one truncated, one only rank 0 can
+  read): a clear error on every rank, never a hang.
 
 Error paths and world size 1 (no process group) run in this process.
 
@@ -16,6 +18,7 @@ GPT-2 exercises every stored form: ``R`` (LayerNorms), ``S(d)`` (c_fc, c_proj), 
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import pytest
@@ -102,6 +105,8 @@ def _train_and_save(rank, world, root):
 
 def _resume(rank, world, root):
     _quiet()
+    import torch.distributed as dist
+
     import autotp.checkpoint as ckpt
 
     out = {}
@@ -119,7 +124,31 @@ def _resume(rank, world, root):
     out["w4_next_loss"] = _step(sharded, opt)
     out["w4_next"] = ckpt.full_state_dict(sharded)
 
-    return out if rank == 0 else None
+    # (c) bad checkpoints: a clear error on every rank, before any tensor is read (no hang)
+    errors = {}
+    errors["wider"] = _error(lambda: ckpt.load(os.path.join(root, "w2"), *_fresh(world, n_embd=32)))
+    if rank == 0:
+        shutil.copytree(os.path.join(root, "w2"), os.path.join(root, "w2_missing"))
+        os.remove(os.path.join(root, "w2_missing", "__1_0.distcp"))
+        shutil.copytree(os.path.join(root, "w2"), os.path.join(root, "w2_truncated"))
+        with open(os.path.join(root, "w2_truncated", "__0_0.distcp"), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) // 2)
+    dist.barrier()
+    errors["missing"] = _error(lambda: ckpt.load(os.path.join(root, "w2_missing"), sharded, opt))
+    errors["truncated"] = _error(lambda: ckpt.load(os.path.join(root, "w2_truncated"), sharded, opt))
+    # a checkpoint that only some ranks can read (rank 1 is given another path, as with a node-local disk)
+    errors["one_rank"] = _error(lambda: ckpt.load(os.path.join(root, "w2" if rank == 0 else "w2_elsewhere"),
+                                                  sharded, opt))
+    out["errors"] = errors
+    return out if rank == 0 else {"errors": errors}
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        return f"{type(e).__name__}: {e}"
+    return "no error"
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +156,8 @@ def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ckpt"))
     w2 = run_ranks(_train_and_save, 2, root)[0]
     w4 = run_ranks(_train_and_save, 4, root)[0]
-    resumed = run_ranks(_resume, 2, root)[0]
-    return {"root": root, "w2": w2, "w4": w4, "resumed": resumed}
+    resumed, resumed_1 = run_ranks(_resume, 2, root)
+    return {"root": root, "w2": w2, "w4": w4, "resumed": resumed, "errors": [resumed["errors"], resumed_1["errors"]]}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -175,6 +204,36 @@ def test_world_sizes_train_alike(runs):
     # sanity for the comparisons above: the same 3 steps at world 2 and 4 give the same model
     assert max(abs(a - b) for a, b in zip(runs["w2"]["losses"], runs["w4"]["losses"])) < 1e-5
     assert _max_diff(runs["w2"]["saved"], runs["w4"]["saved"]) < 1e-4  # Adam amplifies rounding in tiny grads
+
+
+def test_checkpoint_of_another_model_is_a_clear_error_at_world_2(runs):
+    for e in runs["errors"]:  # every rank raises it, before reading a tensor
+        assert e["wider"] == ("ValueError: checkpoint at " + repr(os.path.join(runs["root"], "w2")) +
+                              " was saved from a different model: parameter 'transformer.wpe.weight' has global "
+                              "shape [64, 64] there, [64, 32] here"), e["wider"]
+
+
+def test_missing_shard_file_is_a_clear_error_at_world_2(runs):
+    path = os.path.join(runs["root"], "w2_missing")
+    for e in runs["errors"]:
+        assert e["missing"] == (
+            f"FileNotFoundError: checkpoint at {path!r} is incomplete: shard file '__1_0.distcp' is missing (the save "
+            "at world size 2 wrote 2 files: '__0_0.distcp', '__1_0.distcp'); copy the whole checkpoint directory "
+            "(every .distcp file and autotp.json), or load an earlier checkpoint"), e["missing"]
+
+
+def test_truncated_shard_file_is_a_clear_error_at_world_2(runs):
+    for e in runs["errors"]:
+        assert e["truncated"].startswith("ValueError: checkpoint at "), e["truncated"]
+        assert "is truncated: shard file '__0_0.distcp' has " in e["truncated"]
+
+
+def test_a_rank_that_cannot_read_the_checkpoint_stops_every_rank(runs):
+    rank0, rank1 = (e["one_rank"] for e in runs["errors"])
+    elsewhere = os.path.join(runs["root"], "w2_elsewhere")
+    assert rank1.startswith(f"FileNotFoundError: no checkpoint at {elsewhere!r}"), rank1
+    assert rank0 == (f"RuntimeError: checkpoint at {os.path.join(runs['root'], 'w2')!r} cannot be loaded: rank(s) "
+                     "[1] of the TP group failed to read it (their errors say why)"), rank0
 
 
 def test_export_hf_loads_with_from_pretrained(runs):
@@ -282,3 +341,56 @@ def test_bad_paths_and_missing_optimizer_state(tmp_path):
     ckpt.save(tmp_path / "sgd", sharded, torch.optim.SGD(sharded.parameters(), lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="holds the state of a SGD, not of a AdamW"):
         ckpt.load(tmp_path / "sgd", sharded, opt)
+
+
+def test_extra_must_be_json_data(tmp_path):
+    _quiet()
+    import autotp.checkpoint as ckpt
+
+    sharded, opt = _fresh(1)
+    _step(sharded, opt)
+    bad = [({"betas": (0.9, 0.99)}, r"^extra\['betas'\] is a tuple, which autotp.checkpoint cannot store: it must be "
+                                    r"JSON data .*; a tuple would come back as a list: pass a list$"),
+           ({"sched": {1: 0.5}}, r"^extra\['sched'\] has the key 1 \(int\); JSON keys are strings, so it would come "
+                                 r"back as \"1\": use str keys$"),
+           ([{"rng": torch.get_rng_state()}], r"^extra\[0\]\['rng'\] is a torch.Tensor, which autotp.checkpoint "
+                                              r"cannot store: it must be JSON data")]
+    for extra, message in bad:
+        with pytest.raises(ValueError, match=message):
+            ckpt.save(tmp_path / "bad", sharded, opt, extra=extra)
+    with pytest.raises(ValueError, match=r"step must be an int or None, got 1.5"):
+        ckpt.save(tmp_path / "bad", sharded, step=1.5)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+    extra = {"pos": [1, 2.5, None, True, "s", float("inf")], "nested": {"a": {"b": []}}}
+    ckpt.save(tmp_path / "ok", sharded, opt, step=2, extra=extra)
+    again, again_opt = _fresh(1)
+    assert ckpt.load(tmp_path / "ok", again, again_opt) == {"step": 2, "extra": extra, "world_size": 1}
+    # the optimizer's hyperparameters come back as they were (AdamW's betas a tuple, not a list)
+    assert again_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    assert type(again_opt.param_groups[0]["betas"]) is tuple
+
+
+def test_newer_or_damaged_metadata_is_a_clear_error(tmp_path):
+    _quiet()
+    import json
+
+    import autotp.checkpoint as ckpt
+
+    sharded, _ = _fresh(1)
+    ckpt.save(tmp_path / "c", sharded)
+    assert sorted(os.listdir(tmp_path / "c")) == [".metadata", "__0_0.distcp", "autotp.json"]
+    index = tmp_path / "c" / "autotp.json"
+    doc = json.loads(index.read_text())
+    assert doc["format"] == ckpt.FORMAT == 2
+    index.write_text(json.dumps({**doc, "format": 3, "autotp_version": "9.0"}))
+    with pytest.raises(ValueError, match=r"has format 3 \(autotp 9.0\); this autotp \(.*\) reads format 2: upgrade autotp"):
+        ckpt.load(tmp_path / "c", sharded)
+    index.write_text(json.dumps(doc)[:-10])
+    with pytest.raises(ValueError, match=r"autotp.json is not valid JSON .*the save that wrote it did not finish"):
+        ckpt.load(tmp_path / "c", sharded)
+    del doc["dcp"]["tensors"]["model.lm_head.weight"]
+    index.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"autotp.json is corrupt: a storage entry names 'model.lm_head.weight', "
+                                         r"which is not among its tensors"):
+        ckpt.load(tmp_path / "c", sharded)
