@@ -52,7 +52,7 @@ def get_attr(mod: nn.Module, target: str):
 
 
 # Matches ops that only reorder a parameter's dims (a weight read as W^T).
-_PERMUTING = (aten.t.default, aten.transpose.int, aten.permute.default)
+_PERMUTING = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default)
 
 
 def param_of(x: Any) -> tuple[Node, tuple[int, ...]] | None:
@@ -70,7 +70,7 @@ def param_of(x: Any) -> tuple[Node, tuple[int, ...]] | None:
             return None
         base, perm = inner
         nd = len(perm)
-        if x.target == aten.t.default:
+        if x.target in (aten.t.default, aten.numpy_T.default):  # W.t(), W.T
             order = list(reversed(range(nd)))
         elif x.target == aten.transpose.int:
             d0, d1 = (d % nd for d in x.args[1:3])

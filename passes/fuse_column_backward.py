@@ -26,7 +26,10 @@ def fuse_column_backward(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     for i, node in nodes_with_role(gm, ctx.plan, "column"):
         if node.target not in (aten.linear.default, aten.addmm.default):
             continue
-        sig, w, _, _ = linear_weight(node)
+        found = linear_weight(node)
+        if found is None:  # its weight is a slice of a tensor kept whole (a tied weight also read whole)
+            continue
+        sig, w, _, _ = found
         copy = node.args[sig.x]
         if not (copy.op == "call_module" and isinstance(gm.get_submodule(copy.target), CopyToRegion)
                 and len(copy.users) == 1 and node.args[sig.w] is w):

@@ -127,6 +127,30 @@ class UnevenHead(nn.Module):
         return torch.exp(self.head(self.norm(x)) * 0.1)
 
 
+class TiedSliced(nn.Module):
+    """A tied embedding / LM head whose ids go through a slice (XLM, XLNet, Gemma 4 do this): the table
+    stays whole for the lookup and is sliced for the column head -- once a crash in lowering."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(128, 64), nn.Linear(64, 128, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids[:, 1:])))
+
+
+class WeightT(nn.Module):
+    """An MLP written ``x @ W.T`` (Falcon's linears): exported as ``aten.numpy_T``, still a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, HIDDEN, bias=False), nn.Linear(HIDDEN, 16, bias=False)
+
+    def forward(self, x):
+        return torch.relu(x @ self.up.weight.T) @ self.down.weight.T
+
+
 def _narrow(t, placement, world, rank):
     from autotp.placements import Shard, shard_index, take_shard
 
@@ -138,7 +162,8 @@ def _narrow(t, placement, world, rank):
 def _check(model, world, rank, x, grads=True):
     """Forward (and backward) of ``model`` sharded, against the model itself."""
     sharded = autotp.shard(model, world, example_inputs=(x,))
-    xs, xr = x.clone().requires_grad_(grads), x.clone().requires_grad_(grads)
+    grads_in = grads and x.is_floating_point()
+    xs, xr = x.clone().requires_grad_(grads_in), x.clone().requires_grad_(grads_in)
     out, ref = sharded(xs), model(xr)
     res = {"err": (out - ref).abs().max().item() / max(1.0, ref.abs().max().item()),
            "replicated": dict(sharded.plan.replicated),
@@ -146,8 +171,8 @@ def _check(model, world, rank, x, grads=True):
     if grads:
         out.float().square().mean().backward()
         ref.float().square().mean().backward()
-        params = dict(model.named_parameters())
-        worst = (xs.grad - xr.grad).abs().max().item()
+        params = dict(model.named_parameters(remove_duplicate=False))
+        worst = (xs.grad - xr.grad).abs().max().item() if grads_in else 0.0
         for name, p in sharded.module.named_parameters():
             want = _narrow(params[name].grad, sharded.plan.parameters[name].placement, world, rank)
             worst = max(worst, (p.grad - want).abs().max().item())  # padded rows: the reference is zero there
@@ -165,6 +190,10 @@ def _run(rank: int, world: int) -> dict:
             res[f"{kind}:{op}"] = _check(cls(op), world, rank, x, grads=kind != "reduce")
     torch.manual_seed(0)
     res["uneven_head"] = _check(UnevenHead(), world, rank, x)
+    torch.manual_seed(0)
+    res["tied_sliced_ids"] = _check(TiedSliced(), world, rank, torch.randint(0, 128, (2, 8)))
+    torch.manual_seed(0)
+    res["weight_T"] = _check(WeightT(), world, rank, x)
 
     # 4. different inputs on different ranks, caught on the first call and named
     torch.manual_seed(0)
@@ -189,7 +218,7 @@ def results(world: int) -> list[dict]:
 
 
 CASES = ([f"partial:{op}" for op in PARTIAL_OPS] + [f"reduce:{op}" for op in REDUCE_OPS]
-         + [f"uneven:{op}" for op in UNEVEN_OPS] + ["uneven_head"])
+         + [f"uneven:{op}" for op in UNEVEN_OPS] + ["uneven_head", "tied_sliced_ids", "weight_T"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -210,6 +239,10 @@ def test_exact_or_replicated(case, world):
             assert r["sharded"] == 3 and not r["replicated"], r
         elif case.startswith("uneven:"):
             assert r["sharded"] == 0 and any("padding of an uneven shard" in why for why in r["replicated"].values()), r
+        if case == "tied_sliced_ids":
+            assert r["sharded"] == 0, r  # the table is read whole by the lookup; the head reads a slice of it
+        if case == "weight_T":
+            assert r["sharded"] == 2 and not r["replicated"], r
         if case == "uneven_head":
             assert r["sharded"] == 2 and not r["replicated"], r  # the head stays column (weight and bias)
 

@@ -59,7 +59,7 @@ RULES.update({
     aten.expand: rule_expand,
     aten.transpose: _dim_map_rule(_transpose_dim),
     aten.permute: _dim_map_rule(_permute_dim),
-    aten.t: _dim_map_rule(_t_dim),
+    aten.t: _dim_map_rule(_t_dim), aten.numpy_T: _dim_map_rule(_t_dim),
     aten.unsqueeze: _dim_map_rule(_unsqueeze_dim),
     aten.squeeze: _dim_map_rule(_squeeze_dim),
     aten.slice: rule_slice,

@@ -197,8 +197,9 @@ def rule_getitem(ctx: Ctx, node: Node) -> Decision:
 
 
 def rule_cat(ctx: Ctx, node: Node) -> Decision:
-    xs = node.args[0]
     out_nd = len(ctx.shape(node))
+    # legacy empty operands (shape (0,)) are ignored by cat: they take no part in the layout
+    xs = [x for x in node.args[0] if len(ctx.shape(x)) == out_nd]
     dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
     pls = {x: ctx.pl(x) for x in xs}
     if all(isinstance(p, Partial) for p in pls.values()):
