@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from autotp.patterns import linear_bias, linear_weight
+from autotp.patterns import LINEAR_OPS, linear_bias
 from autotp.runtime import REDISTRIBUTIONS
 
 from .base import LoweringContext, PassResult
@@ -25,7 +25,7 @@ def lower_row_bias(gm: GraphModule, ctx: LoweringContext) -> PassResult:
         if not step.before_bias:
             continue
         node = nodes[step.src]
-        sig, w, _, _ = linear_weight(node)
+        sig = LINEAR_OPS[node.target]  # its weight may be a slice by now (a tensor also read whole)
         b = linear_bias(node, sig)
         x, wt = node.args[sig.x], node.args[sig.w]
         gm.add_submodule(step.name, REDISTRIBUTIONS[step.kind].build(step.frm, step.to, 0, ctx.comm))

@@ -74,6 +74,7 @@ REDUCE_OPS = {  # name: (fn, stays sharded)
     "min_dim_sharded": lambda h, fc2: torch.min(h, dim=1, keepdim=True).values,
     "amax_sharded": lambda h, fc2: h.amax(-1),
     "max_all": lambda h, fc2: torch.max(h).expand(3),
+    "min_all_0d": lambda h, fc2: torch.min(h),
     "argmax_sharded": lambda h, fc2: h.argmax(-1).float(),
     "logsumexp_sharded": lambda h, fc2: torch.logsumexp(h, -1),
     "cumsum_sharded": lambda h, fc2: fc2(h.cumsum(-1)),
@@ -140,6 +141,29 @@ class TiedSliced(nn.Module):
         return self.head(torch.tanh(self.emb(ids[:, 1:])))
 
 
+class Twice(nn.Module):
+    """One biased linear applied twice: its weight is wanted whole and split (found by tests/test_fuzz.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(torch.relu(self.lin(x)))
+
+
+class TiedHeadBias(nn.Module):
+    """A tied embedding / LM head where the head has a bias (found by tests/test_fuzz.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(128, 64), nn.Linear(64, 128)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
 class WeightT(nn.Module):
     """An MLP written ``x @ W.T`` (Falcon's linears): exported as ``aten.numpy_T``, still a linear."""
 
@@ -194,6 +218,10 @@ def _run(rank: int, world: int) -> dict:
     res["tied_sliced_ids"] = _check(TiedSliced(), world, rank, torch.randint(0, 128, (2, 8)))
     torch.manual_seed(0)
     res["weight_T"] = _check(WeightT(), world, rank, x)
+    torch.manual_seed(0)
+    res["linear_twice"] = _check(Twice(), world, rank, x)
+    torch.manual_seed(0)
+    res["tied_head_bias"] = _check(TiedHeadBias(), world, rank, torch.randint(0, 128, (2, 8)))
 
     # 4. different inputs on different ranks, caught on the first call and named
     torch.manual_seed(0)
@@ -218,7 +246,8 @@ def results(world: int) -> list[dict]:
 
 
 CASES = ([f"partial:{op}" for op in PARTIAL_OPS] + [f"reduce:{op}" for op in REDUCE_OPS]
-         + [f"uneven:{op}" for op in UNEVEN_OPS] + ["uneven_head", "tied_sliced_ids", "weight_T"])
+         + [f"uneven:{op}" for op in UNEVEN_OPS] + ["uneven_head", "tied_sliced_ids", "weight_T", "linear_twice",
+                                                  "tied_head_bias"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
