@@ -204,7 +204,7 @@ def find_vocab_embeddings(gm: GraphModule, *, world_size: int) -> list[Node]:
     position ids (as ``generate`` does), stay replicated: their all-reduce per call would
     cost more than the memory it saves.
     """
-    shared = {found[1].target for n in gm.graph.nodes if (found := linear_weight(n)) is not None}
+    shared = {lw[1].target for n in gm.graph.nodes if (lw := linear_weight(n)) is not None}
     found = []
     for node in gm.graph.nodes:
         w = embedding_table(node)
