@@ -77,6 +77,7 @@ class Analysis:
     demoted: dict[Node, str] = field(default_factory=dict)
     needs_grad: set[Node] = field(default_factory=set)
     output_placements: list = field(default_factory=list)  # each flat output as returned
+    kept_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why it is held whole though sliced
 
 
 def _is_floating(node: Node) -> bool:
@@ -319,6 +320,8 @@ def _record_redistributions(a: Analysis) -> None:
             continue
         # Used both whole and sharded (rare): keep it whole, slice where a shard is wanted.
         a.param_placements[base.target] = R
+        a.kept_whole[base.target] = (f"wanted as {sorted(map(repr, wanted))} by different ops: held whole, sliced "
+                                     "where a shard is needed (compute stays split, memory does not)")
         for node, x, _, req, out_sharded in reqs:
             _edge(a, x, node, R, req, out_sharded)
 

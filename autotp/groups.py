@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-__all__ = ["init_process_group_from_env", "resolve_group", "check_same_inputs"]
+__all__ = ["init_process_group_from_env", "resolve_group", "check_same_inputs", "max_and_min"]
 
 
 def init_process_group_from_env(world_size: int | None) -> None:
@@ -47,6 +47,17 @@ def resolve_group(world_size: int | None, group=None):
     return group, actual, dist.get_rank(group)
 
 
+def max_and_min(t: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise max and min of ``t`` over the ranks (two all-reduces): ranks agree
+    where they are equal.  Moved to the GPU on NCCL ranks."""
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    hi, lo = t.clone(), t.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    return hi, lo
+
+
 _SLOTS = 64  # input tensors fingerprinted one by one; more share the last slot
 
 
@@ -65,16 +76,13 @@ def check_same_inputs(args, kwargs, group) -> None:
     the argument."""
     leaves = [(("args" if path[0].idx == 0 else "kwargs") + pytree.keystr(path[1:]), x)
               for path, x in pytree.tree_flatten_with_path((args, kwargs))[0] if isinstance(x, torch.Tensor)]
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    fp = torch.zeros(2 + 2 * _SLOTS, dtype=torch.int64, device=device)
+    fp = torch.zeros(2 + 2 * _SLOTS, dtype=torch.int64)
     fp[0] = len(leaves)
     for i, (_, x) in enumerate(leaves):
         slot = 2 + 2 * min(i, _SLOTS - 1)
         fp[slot] += x.numel() * 1_000_003 + x.dim()
-        fp[slot + 1] += _fingerprint(x).to(device)
-    hi, lo = fp.clone(), fp.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+        fp[slot + 1] += _fingerprint(x).cpu()
+    hi, lo = max_and_min(fp, group)
     if torch.equal(hi, lo):
         return
     if hi[0] != lo[0]:

@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 aten = torch.ops.aten
 
 __all__ = ["is_tensor_node", "tensor_inputs", "param_of", "get_attr", "LinearSig", "LINEAR_OPS", "linear_weight",
-           "linear_bias", "embedding_table", "from_user_input", "output_node", "output_leaves", "block_of", "size_hint"]
+           "linear_bias", "embedding_table", "from_user_input", "output_node", "output_leaves", "block_of", "size_hint", "op_arg"]
 
 
 def is_tensor_node(x: Any) -> bool:
@@ -42,6 +42,17 @@ def size_hint(s) -> int:
         hint = s.node.hint
         return int(hint) if hint is not None else int(s)
     return int(s)
+
+
+def op_arg(node: Node, name: str, default=None):
+    """The argument ``name`` of an aten op call, positional or keyword, found through the op's
+    schema (``norm``'s ``dim`` follows its ``ord``; ``clamp``'s bounds may be either)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            return node.args[i] if i < len(node.args) else default
+    return default
 
 
 def get_attr(mod: nn.Module, target: str):

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.fx import GraphModule
 
@@ -34,7 +33,7 @@ from .capture import capture, drop_unused_attributes
 from .config import ShardConfig
 from .placements import Placement
 from .plan import Plan, build_plan
-from .groups import resolve_group
+from .groups import max_and_min, resolve_group
 from .runtime import Communicator
 from .samehost import enable_same_host_collectives
 
@@ -89,11 +88,7 @@ def check_plans_agree(plans: dict[str, Plan], ranks: Ranks) -> None:
     input that differs) would otherwise issue different collectives and deadlock later."""
     if ranks.world_size == 1:
         return
-    device = "cuda" if dist.get_backend(ranks.group) == "nccl" else "cpu"
-    mine = torch.tensor([p.fingerprint() for p in plans.values()], dtype=torch.int64, device=device)
-    hi, lo = mine.clone(), mine.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=ranks.group)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=ranks.group)
+    hi, lo = max_and_min(torch.tensor([p.fingerprint() for p in plans.values()], dtype=torch.int64), ranks.group)
     if not torch.equal(hi, lo):
         names = [n for n, a, b in zip(plans, hi.tolist(), lo.tolist()) if a != b]
         mine_counts = {n: (plans[n].counts("forward"), len(plans[n].parameters)) for n in names}

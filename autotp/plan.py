@@ -350,5 +350,7 @@ def build_plan(analysis, param_names: dict[str, str] | None = None, *, recompute
         name = found[1].target if found else (node.args[0].target if node.args and hasattr(node.args[0], "target")
                                               else node.name)
         replicated_layers[(param_names or {}).get(name, name)] = why
+    for target, why in analysis.kept_whole.items():
+        replicated_layers.setdefault((param_names or {}).get(target, target), why)
     return Plan(analysis.world_size, params, _collectives(analysis, steps, recompute_blocks), memory, replicated_layers, nodes, steps,
                 list(analysis.output_placements))

@@ -66,6 +66,7 @@ class Communicator:
         self.same_host = same_host
         self.timeout_s = timeout_s
         self.issued = 0  # c10d collectives issued (their number in errors)
+        self._wait_timeout = None  # decided on the first wait: the backend is known by then
 
     @property
     def world_size(self) -> int:
@@ -75,18 +76,21 @@ class Communicator:
     def rank(self) -> int:
         return _rank(self.group)
 
-    def wait(self, work, what: str) -> None:
-        """Wait for an async c10d ``work``; a failure or a timeout becomes a ``CollectiveError``."""
+    def wait(self, work, op: str, x: torch.Tensor) -> None:
+        """Wait for an async c10d ``work`` (``op`` on ``x``); a failure or a timeout becomes a
+        ``CollectiveError`` naming it.  Nothing is formatted unless it fails."""
         self.issued += 1
-        timeout = None
-        if self.timeout_s is not None and dist.get_backend(self.group) == "gloo":
-            timeout = datetime.timedelta(seconds=self.timeout_s)
+        if self._wait_timeout is None:
+            gloo = self.timeout_s is not None and dist.get_backend(self.group) == "gloo"
+            self._wait_timeout = (datetime.timedelta(seconds=self.timeout_s),) if gloo else ()
         try:
-            work.wait(timeout) if timeout is not None else work.wait()
+            work.wait(*self._wait_timeout)
         except RuntimeError as e:
-            late = f"within {self.timeout_s:g} s " if "timed out" in str(e).lower() and timeout is not None else ""
+            timed = "timed out" in str(e).lower() and self._wait_timeout
+            late = f"within {self.timeout_s:g} s " if timed else ""
             raise CollectiveError(
-                f"autotp {what} (collective #{self.issued} of this model on rank {self.rank} of {self.world_size}) "
+                f"autotp {op} of {tuple(x.shape)} {x.dtype} (collective #{self.issued} of this model on rank "
+                f"{self.rank} of {self.world_size}) "
                 f"did not complete {late}({str(e).splitlines()[0][:200]}): a rank died, stalled, or took another "
                 "code path; check the other ranks' logs") from e
 
@@ -95,8 +99,7 @@ class Communicator:
         if self.same_host is not None and op == "sum":
             return self.same_host.all_reduce_(x)
         reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
-        self.wait(dist.all_reduce(x, op=reduce_op, group=self.group, async_op=True),
-                  f"all_reduce ({op}) of {tuple(x.shape)} {x.dtype}")
+        self.wait(dist.all_reduce(x, op=reduce_op, group=self.group, async_op=True), f"all_reduce ({op})", x)
         return x
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +110,7 @@ class Communicator:
         if self.same_host is not None:
             return self.same_host.all_gather(x)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        self.wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True),
-                  f"all_gather of {tuple(x.shape)} {x.dtype}")
+        self.wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True), "all_gather", x)
         return parts
 
     def __repr__(self) -> str:
@@ -204,7 +206,7 @@ class _ColumnLinearFn(torch.autograd.Function):
         dw = (g2.t().matmul(x2) if out_in else x2.t().matmul(g2)).to(w.dtype) if ctx.needs_input_grad[1] else None
         db = g2.sum(0).to(w.dtype) if has_bias and ctx.needs_input_grad[2] else None
         if work is not None:
-            comm.wait(work, f"all_reduce (sum) of the input gradient {tuple(dx.shape)}")
+            comm.wait(work, "all_reduce (sum) of the input gradient", dx)
         return dx, dw, db, None, None
 
 

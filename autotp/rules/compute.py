@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..patterns import linear_bias, linear_weight, param_of, tensor_inputs
+from ..patterns import linear_bias, linear_weight, op_arg, param_of, tensor_inputs
 from ..placements import Partial, Placement, Shard
 
 from .base import P, R, Ctx, Decision, Unsupported, _norm, rule_pointwise, rule_replicated
@@ -64,16 +64,6 @@ def _pad_after(ctx: Ctx, node: Node, x: Node, p: Shard, effect) -> int | None:
     return max(effect, ctx.pad_of(x))
 
 
-def _arg(node: Node, name: str, default=None):
-    """The argument ``name`` of an aten op call, found through the op's schema."""
-    if name in node.kwargs:
-        return node.kwargs[name]
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.name == name:
-            return node.args[i] if i < len(node.args) else default
-    return default
-
-
 def rule_reduction(ctx: Ctx, node: Node) -> Decision:
     """max / min / amax / argmax / prod / logsumexp / var ... over dims (tuple results too):
     over unsharded dims the shard moves; over the sharded dim (or on a partial sum) the
@@ -83,9 +73,9 @@ def rule_reduction(ctx: Ctx, node: Node) -> Decision:
     x = node.args[0]
     p = ctx.pl(x)
     nd = len(ctx.shape(x))
-    dims = _arg(node, "dim")  # by name: norm's come after ``ord`` / ``p``
+    dims = op_arg(node, "dim")  # by name: norm's come after ``ord`` / ``p``
     dims = list(range(nd)) if dims in (None, []) else [_norm(d, nd) for d in ([dims] if isinstance(dims, int) else dims)]
-    keep = bool(_arg(node, "keepdim", False))
+    keep = bool(op_arg(node, "keepdim", False))
     if not isinstance(p, Shard):
         return Decision(_outs(node, R), {x: R}, why="replicated" if p is None or p == R else "needs the whole value")
     if p.dim in dims:
@@ -100,7 +90,7 @@ def rule_scan(ctx: Ctx, node: Node) -> Decision:
     """cumsum / cumprod / cummax ... along ``dim``: along an unsharded dim the shard stays."""
     x = node.args[0]
     p = ctx.pl(x)
-    dim = _norm(_arg(node, "dim"), len(ctx.shape(x)))
+    dim = _norm(op_arg(node, "dim"), len(ctx.shape(x)))
     if not isinstance(p, Shard):
         return Decision(_outs(node, R), {x: R}, why="replicated" if p is None or p == R else "needs the whole value")
     if p.dim == dim:

@@ -25,6 +25,8 @@ import numbers
 import torch
 from torch.fx import Node
 
+from ..patterns import op_arg
+
 aten = torch.ops.aten
 
 ZERO, FINITE, BAD = 0, 1, 2
@@ -59,15 +61,12 @@ def pointwise_state(node: Node, contrib: dict[Node, int], along: set[Node]) -> i
     (padded shards and sliced operands), whose padded slots are their own.
     """
     op = getattr(node.target, "overloadpacket", None)
-    args, kw = node.args, node.kwargs
+    args = node.args
 
     def state(a) -> int:
         if a is None:
             return ZERO
         return contrib.get(a, FINITE) if isinstance(a, Node) else _number_state(a)
-
-    def arg(i, name, default=None):
-        return args[i] if len(args) > i else kw.get(name, default)
 
     x = state(args[0]) if args else BAD
     if op in KEEPS_ZERO:
@@ -90,18 +89,18 @@ def pointwise_state(node: Node, contrib: dict[Node, int], along: set[Node]) -> i
             return x if e >= 1 else FINITE if e == 0 else BAD  # x^e with e < 1: infinite slope at 0
         return BAD
     if op in (aten.clamp, aten.hardtanh):
-        lo, hi = (arg(1, "min", None), arg(2, "max", None)) if op == aten.clamp else (
-            arg(1, "min_val", -1.0), arg(2, "max_val", 1.0))
+        lo, hi = (op_arg(node, "min"), op_arg(node, "max")) if op == aten.clamp else (
+            op_arg(node, "min_val", -1.0), op_arg(node, "max_val", 1.0))
         if BAD in (x, state(lo), state(hi)):
             return BAD
         keeps = all(b is None or (isinstance(b, numbers.Number) and (b <= 0 if i == 0 else b >= 0))
                     for i, b in enumerate((lo, hi)))
         return x if keeps else FINITE
     if op == aten.masked_fill:
-        v = state(arg(2, "value"))
+        v = state(op_arg(node, "value"))
         return x if v == ZERO else max(x, v, FINITE)
     if op in (aten.full_like, aten.fill):
-        return state(arg(1, "fill_value"))
+        return state(op_arg(node, "fill_value" if op == aten.full_like else "value"))
     if op == aten.where:
         return max(state(a) for a in args[1:3])
     return BAD  # not known to keep padding finite: log, rsqrt, reciprocal, sqrt, empty_like, ...
