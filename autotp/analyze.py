@@ -32,8 +32,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from .patterns import (embedding_table, from_user_input, get_attr, is_tensor_node, linear_weight, param_of,
-                       tensor_inputs)
+from .patterns import (embedding_table, from_user_input, get_attr, is_tensor_node, linear_weight, output_leaves,
+                       output_node, param_of, tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
 from .rules.padding import ZERO
@@ -264,10 +264,10 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
                         set(ctx.vocab_seeds), demoted)
     _record_redistributions(analysis)
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out = output_node(gm)
     analysis.output_placements = [
         None if not is_tensor_node(x) else _as_returned(decisions[out].inputs.get(x, analysis.placements.get(x)))
-        for x in pytree.tree_leaves(out.args[0])]
+        for x in output_leaves(gm)]
     return analysis
 
 
