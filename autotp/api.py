@@ -68,6 +68,8 @@ class ShardedModule(nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # the collectives are traceable ops (traceable.py); no graph break
+            return self.module(*args, **kwargs)
         if not self._inputs_checked:
             check_same_inputs(args, kwargs, self.group)
             self._inputs_checked = True

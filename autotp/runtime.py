@@ -12,7 +12,9 @@ module             forward                    backward
 =================  =========================  ===============================
 
 Each takes an explicit ``Communicator`` (the process group, and the same-host
-transport where one is enabled) and is a no-op at world size 1.  They are
+transport where one is enabled) and is a no-op at world size 1.  Under
+``torch.compile`` each calls its ``torch.library`` twin instead (``traceable.py``:
+the same pair as an op Dynamo can trace), so a compiled model has no graph break.  They are
 ``nn.Module``s so that a lowered fx graph can call them (``call_module``) and
 carry their communicator and layout with it.  ``REDISTRIBUTIONS`` is the one
 table that maps a placement change to its collectives and its module: the
@@ -30,7 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .placements import Partial, Placement, Replicate, Shard, shard_index, take_shard
+from . import traceable
+from .placements import Partial, Placement, Replicate, Shard
+from .traceable import gather as _gather
 
 __all__ = [
     "Communicator", "CollectiveError", "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout",
@@ -65,16 +69,12 @@ class Communicator:
         self.group = group
         self.same_host = same_host
         self.timeout_s = timeout_s
+        # fixed for the group's life; plain attributes, so torch.compile reads them as constants
+        self.world_size, self.rank = _world(group), _rank(group)
+        # how the torch.library ops (traceable.py, under torch.compile) find it; held weakly there
+        self.name = traceable.register(self)
         self.issued = 0  # c10d collectives issued (their number in errors)
         self._wait_timeout = None  # decided on the first wait: the backend is known by then
-
-    @property
-    def world_size(self) -> int:
-        return _world(self.group)
-
-    @property
-    def rank(self) -> int:
-        return _rank(self.group)
 
     def wait(self, work, op: str, x: torch.Tensor) -> None:
         """Wait for an async c10d ``work`` (``op`` on ``x``); a failure or a timeout becomes a
@@ -117,20 +117,8 @@ class Communicator:
         return f"Communicator(world_size={self.world_size}, same_host={self.same_host is not None})"
 
 
-def _gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm: Communicator) -> torch.Tensor:
-    """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout."""
-    world = comm.world_size
-    parts = comm.all_gather(x)
-    if chunks == 1:
-        full = torch.cat(parts, dim=dim)
-        return full.narrow(dim, 0, global_size) if full.shape[dim] != global_size else full
-    # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
-    pieces = [p.chunk(chunks, dim=dim) for p in parts]
-    return torch.cat([pieces[r][c] for c in range(chunks) for r in range(world)], dim=dim)
-
-
 def _slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> torch.Tensor:
-    return take_shard(x, dim, *shard_index(x.shape[dim], world, rank, chunks))
+    return traceable.local_slice(x, dim, chunks, rank, world)
 
 
 class _AllReduceFn(torch.autograd.Function):
@@ -233,6 +221,11 @@ class ColumnLinear(_Collective):
             if self.out_in:
                 return torch.nn.functional.linear(x, w, b)
             return torch.addmm(b, x, w) if b is not None else x.matmul(w)
+        if torch.compiler.is_compiling():  # traceable: the copy op's backward is the all-reduce
+            x = traceable.copy_to_region(x, self.comm.name)
+            if self.out_in:
+                return torch.nn.functional.linear(x, w, b)
+            return x.matmul(w) + b if b is not None else x.matmul(w)
         return _ColumnLinearFn.apply(x, w, b, self.out_in, self.comm)
 
 
@@ -246,6 +239,8 @@ class AllReduce(_Collective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return traceable.all_reduce(x, self.comm.name)
         if not torch.is_grad_enabled() and x.is_contiguous():
             return self.comm.all_reduce_(x)
         return _AllReduceFn.apply(x, self.comm)
@@ -261,6 +256,8 @@ class CopyToRegion(_Collective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
             return x
+        if torch.compiler.is_compiling():
+            return traceable.copy_to_region(x, self.comm.name)
         return _CopyFn.apply(x, self.comm)
 
 
@@ -274,6 +271,8 @@ class AllGather(_Collective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return traceable.all_gather(x, self.dim, self.chunks, self.global_size, self.comm.name)
         return _GatherFn.apply(x, self.dim, self.chunks, self.global_size, self.comm)
 
     def extra_repr(self) -> str:
@@ -291,6 +290,8 @@ class LocalSlice(_Collective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return traceable.slice_op(x, self.dim, self.chunks, self.comm.name)
         if torch.is_grad_enabled() and x.requires_grad:
             return _SliceFn.apply(x, self.dim, self.chunks, self.comm)
         return _slice(x, self.dim, self.chunks, self.comm.rank, self.world_size)

@@ -1,0 +1,179 @@
+"""The collectives as ``torch.library`` custom ops, so ``torch.compile`` traces a sharded model whole.
+
+An eager sharded model calls its collectives through ``torch.autograd.Function``s that
+issue in-place c10d calls (``runtime.py``); Dynamo cannot trace those and would break
+the graph at each one.  Under ``torch.compile`` the same modules call these ops instead:
+opaque to Dynamo and Inductor (a fake implementation gives their output's shape), with
+Megatron's forward/backward pairs registered as their autograd formulas::
+
+    autotp::all_reduce      forward: all-reduce (sum)       backward: identity       (g)
+    autotp::copy_to_region  forward: identity (a copy)      backward: all-reduce     (f)
+    autotp::all_gather      forward: all-gather (S -> R)    backward: local slice
+    autotp::local_slice     forward: local slice (R -> S)   backward: all-gather
+
+The generic functional ``all_reduce`` has another backward (an all-reduce again); g's is
+the identity, which is why these are our own ops.  A custom op cannot take a Python
+object, so the communicator travels as its registered name (``register``); the op looks
+it up when it runs, on this rank, and issues the collective through it (same-host
+transport and timeouts included).  The layout math of a gather and a slice lives here too,
+shared with the eager path.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import weakref
+
+import torch
+
+from .placements import pad_zeros, shard_index, take_shard
+
+__all__ = ["register", "communicator", "gather", "local_slice"]
+
+_COMMUNICATORS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # a model's modules hold theirs
+_NAMES = itertools.count()
+
+
+def register(comm) -> str:
+    """Give ``comm`` a process-unique name the ops can carry, and remember it under that name."""
+    name = f"comm{next(_NAMES)}"
+    _COMMUNICATORS[name] = comm
+    return name
+
+
+def communicator(name: str):
+    try:
+        return _COMMUNICATORS[name]
+    except KeyError:
+        raise ValueError(f"no autotp communicator named {name!r} in this process: a compiled sharded model runs "
+                         "only in the process (rank) that sharded it") from None
+
+
+def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> torch.Tensor:
+    """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout (padding trimmed)."""
+    parts = comm.all_gather(x)
+    if chunks == 1:
+        full = torch.cat(parts, dim=dim)
+        return full.narrow(dim, 0, global_size) if full.shape[dim] != global_size else full
+    # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
+    pieces = [p.chunk(chunks, dim=dim) for p in parts]
+    return torch.cat([pieces[r][c] for c in range(chunks) for r in range(comm.world_size)], dim=dim)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows(size: int, world: int, rank: int, chunks: int, device: torch.device):
+    """``(start, index, count, pad)`` of a rank's rows: ``start`` where they are contiguous (a narrow),
+    else ``index`` already on ``device`` -- built once, not every forward."""
+    index, pad = shard_index(size, world, rank, chunks)
+    if len(index) and bool((index[1:] - index[:-1] == 1).all()):
+        return int(index[0]), None, len(index), pad
+    return None, index.to(device), len(index), pad
+
+
+def local_slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's ``Shard(dim, chunks)`` piece of a whole ``x`` (a view where the rows are contiguous)."""
+    size = x.shape[dim]
+    if type(size) is not int:  # symbolic (a dynamic shape under tracing): nothing to cache
+        return take_shard(x, dim, *shard_index(size, world, rank, chunks))
+    start, index, count, pad = _rows(size, world, rank, chunks, x.device)
+    out = x.narrow(dim, start, count) if index is None else x.index_select(dim, index)
+    return pad_zeros(out, dim, pad)
+
+
+def _gathered_shape(x: torch.Tensor, dim: int, global_size: int) -> list[int]:
+    shape = list(x.shape)
+    shape[dim] = global_size
+    return shape
+
+
+# ---- all_reduce: P -> R; backward identity -------------------------------------------------
+
+@torch.library.custom_op("autotp::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor, comm: str) -> torch.Tensor:
+    return communicator(comm).all_reduce(x)
+
+
+@all_reduce.register_fake
+def _(x, comm):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _identity_backward(ctx, grad):
+    return grad, None
+
+
+all_reduce.register_autograd(_identity_backward)
+
+
+# ---- copy_to_region: identity; backward all-reduce ------------------------------------------
+
+@torch.library.custom_op("autotp::copy_to_region", mutates_args=())
+def copy_to_region(x: torch.Tensor, comm: str) -> torch.Tensor:
+    return x.clone()
+
+
+@copy_to_region.register_fake
+def _(x, comm):
+    return torch.empty_like(x)
+
+
+def _save_comm(ctx, inputs, output):
+    ctx.comm = inputs[-1]
+
+
+def _copy_backward(ctx, grad):
+    return all_reduce(grad, ctx.comm), None
+
+
+copy_to_region.register_autograd(_copy_backward, setup_context=_save_comm)
+
+
+# ---- all_gather: S -> R; backward local slice -----------------------------------------------
+
+@torch.library.custom_op("autotp::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm: str) -> torch.Tensor:
+    return gather(x, dim, chunks, global_size, communicator(comm)).contiguous()
+
+
+@all_gather.register_fake
+def _(x, dim, chunks, global_size, comm):
+    return x.new_empty(_gathered_shape(x, dim, global_size))
+
+
+def _save_gather(ctx, inputs, output):
+    x, ctx.dim, ctx.chunks, _, ctx.comm = inputs
+
+
+def _gather_backward(ctx, grad):
+    c = communicator(ctx.comm)
+    return local_slice(grad, ctx.dim, ctx.chunks, c.rank, c.world_size), None, None, None, None
+
+
+all_gather.register_autograd(_gather_backward, setup_context=_save_gather)
+
+
+# ---- local_slice: R -> S; backward all-gather -----------------------------------------------
+
+@torch.library.custom_op("autotp::local_slice", mutates_args=())
+def slice_op(x: torch.Tensor, dim: int, chunks: int, comm: str) -> torch.Tensor:
+    c = communicator(comm)
+    return local_slice(x, dim, chunks, c.rank, c.world_size).clone(memory_format=torch.contiguous_format)
+
+
+@slice_op.register_fake
+def _(x, dim, chunks, comm):
+    c = communicator(comm)
+    index, pad = shard_index(x.shape[dim], c.world_size, c.rank, chunks)
+    return x.new_empty(_gathered_shape(x, dim, len(index) + pad))
+
+
+def _save_slice(ctx, inputs, output):
+    x, ctx.dim, ctx.chunks, ctx.comm = inputs
+    ctx.size = x.shape[ctx.dim]
+
+
+def _slice_backward(ctx, grad):
+    return all_gather(grad, ctx.dim, ctx.chunks, ctx.size, ctx.comm), None, None, None
+
+
+slice_op.register_autograd(_slice_backward, setup_context=_save_slice)
