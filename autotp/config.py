@@ -37,6 +37,12 @@ class ShardConfig:
             for same-host collectives, the process group's own timeout for c10d ones
             (torch's default is 30 minutes; a rank that *dies* is noticed at once by gloo).
             On NCCL ranks the process group's timeout always applies.
+        device: the device this rank runs on (``"cuda:1"``, ``torch.device("cuda", 1)``, ``"cpu"``).
+            ``None``: ``cuda:{torch.cuda.current_device()}`` on NCCL ranks (torchrun's
+            ``LOCAL_RANK``, set when autotp initialises the group), else where the model's
+            tensors are.  The model may be captured on another device (CPU, or ``meta`` with
+            a loader): parameters are copied to ``device`` one local shard at a time, and every
+            device constant of the graph (``arange(device=...)``...) is retargeted to it.
 
     Raises:
         ValueError: a field of the wrong type, or options that contradict each other.
@@ -50,6 +56,7 @@ class ShardConfig:
     same_host_collectives: bool = False
     seed: int | None = None
     timeout_s: float | None = None
+    device: object = None  # str | torch.device | None; kept as given, checked below
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -62,6 +69,14 @@ class ShardConfig:
                                           or not value > 0):
                     raise ValueError(f"ShardConfig.timeout_s must be a positive number of seconds or None, "
                                      f"got {value!r}")
+            elif f.name == "device":
+                if value is not None:
+                    import torch
+                    try:
+                        torch.device(value)
+                    except (RuntimeError, TypeError) as e:
+                        raise ValueError(f"ShardConfig.device must be a torch.device, a device string such as "
+                                         f"'cuda:0', or None; got {value!r} ({e})") from None
             elif not isinstance(value, bool):
                 raise ValueError(f"ShardConfig.{f.name} must be True or False, got {value!r} "
                                  f"({type(value).__name__})")

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-__all__ = ["init_process_group_from_env", "resolve_group", "check_same_inputs", "max_and_min"]
+__all__ = ["init_process_group_from_env", "resolve_group", "check_same_inputs", "max_and_min", "comm_device"]
 
 
 def init_process_group_from_env(world_size: int | None) -> None:
@@ -47,11 +47,18 @@ def resolve_group(world_size: int | None, group=None):
     return group, actual, dist.get_rank(group)
 
 
+def comm_device(group=None) -> torch.device:
+    """The device a collective's tensors must be on for ``group``: this rank's current GPU on
+    NCCL, the CPU otherwise (gloo also takes CUDA tensors, but CPU ones always)."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def max_and_min(t: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
     """The elementwise max and min of ``t`` over the ranks (two all-reduces): ranks agree
-    where they are equal.  Moved to the GPU on NCCL ranks."""
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
+    where they are equal.  On NCCL ranks the reduction runs on the rank's own GPU."""
+    t = t.to(comm_device(group))
     hi, lo = t.clone(), t.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)

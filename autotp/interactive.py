@@ -20,11 +20,43 @@ import tempfile
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .config import resolve_config
 from .launch import WorkerPool
 
-__all__ = ["parallelize", "Parallelized"]
+__all__ = ["parallelize", "Parallelized", "resolve_backend"]
+
+
+def _aliases(world_size, num_gpus, dtype, fp16: bool):
+    """``world_size`` and ``dtype`` from them or from parallelformers' ``num_gpus`` / ``fp16``."""
+    if num_gpus is not None:
+        if world_size is not None and world_size != num_gpus:
+            raise ValueError(f"world_size={world_size} and num_gpus={num_gpus} disagree; num_gpus is another name "
+                             "for world_size: pass one of them")
+        world_size = num_gpus
+    if world_size is None:
+        raise ValueError("autotp.parallelize needs world_size (or num_gpus): the number of ranks")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if fp16:
+        if dtype not in (None, torch.float16):
+            raise ValueError(f"fp16=True and dtype={dtype} disagree; fp16=True means dtype=torch.float16: pass one")
+        dtype = torch.float16
+    return world_size, dtype
+
+
+def resolve_backend(world_size: int, backend: str | None) -> str:
+    """``backend``, or by default NCCL when a GPU per rank is visible, else gloo (CPU ranks)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend is None:
+        return "nccl" if gpus >= world_size else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl', 'gloo' or None (automatic), got {backend!r}")
+    if backend == "nccl" and gpus < world_size:
+        raise ValueError(f"backend='nccl' needs one GPU per rank, but world_size={world_size} and {gpus} CUDA device(s) "
+                         "are visible; use backend='gloo' (CPU ranks) or a smaller world_size")
+    return backend
 
 
 class _Rank:
@@ -36,14 +68,21 @@ class _Rank:
         self.model = from_pretrained(payload["path"], world_size, group=group, dtype=payload["dtype"],
                                      **payload["options"])
 
+    def _here(self, args, kwargs):
+        """The caller's (CPU) tensors on this rank's device (its GPU on NCCL ranks)."""
+        device = next(self.model.parameters()).device
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (args, kwargs))
+
     def generate(self, *args, **kwargs):
+        args, kwargs = self._here(args, kwargs)
         with torch.no_grad():
-            return self.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs).cpu()
 
     def forward(self, *args, **kwargs):
+        args, kwargs = self._here(args, kwargs)
         with torch.no_grad():
             out = self.model(*args, use_cache=False, **kwargs)
-        return out.logits
+        return out.logits.cpu()
 
     def info(self) -> dict:
         steps = self.model.autotp_steps
@@ -99,9 +138,9 @@ class Parallelized:
         return f"Parallelized({type(self.config).__name__}, world_size={self.pool.world_size}, alive={self.pool.alive})"
 
 
-def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype | None = None,
-                backend: str | None = "gloo", timeout_s: float = 600.0, tmpdir: str | None = None,
-                **options) -> Parallelized:
+def parallelize(model: nn.Module | str, world_size: int | None = None, *, dtype: torch.dtype | None = None,
+                backend: str | None = None, timeout_s: float = 600.0, tmpdir: str | None = None,
+                num_gpus: int | None = None, fp16: bool = False, **options) -> Parallelized:
     """Shard a Hugging Face model over ``world_size`` worker processes started from here.
 
     Args:
@@ -110,7 +149,10 @@ def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype |
         world_size: number of worker processes (ranks).
         dtype: the workers' parameter dtype (``torch.float16`` / ``torch.bfloat16`` for
             inference); default: the checkpoint's.
-        backend: ``"gloo"`` (CPU ranks). GPU ranks (nccl) are not supported by this entry yet.
+        backend: ``"nccl"`` (rank r on ``cuda:r``) or ``"gloo"`` (CPU ranks).  Default: nccl
+            when there is a GPU per rank, else gloo.
+        num_gpus / fp16: parallelformers' names, accepted as they are written there:
+            ``parallelize(model, num_gpus=4, fp16=True)`` is ``world_size=4, dtype=torch.float16``.
         timeout_s: longest a call may take before the workers are stopped and it raises.
         tmpdir: where a model object is written for the workers to load (default: the
             system's temporary directory); deleted as soon as they have loaded it.
@@ -123,10 +165,10 @@ def parallelize(model: nn.Module | str, world_size: int, *, dtype: torch.dtype |
     Raises:
         WorkerError: a worker failed while loading or sharding (its traceback included).
     """
-    if backend != "gloo":
-        raise ValueError(f"autotp.parallelize runs CPU ranks with gloo; backend={backend!r} is not supported yet. "
-                         "On GPUs launch `torchrun --nproc_per_node N` and call autotp.from_pretrained on every rank")
-    options.setdefault("same_host_collectives", True)  # the workers are on this host by construction
+    world_size, dtype = _aliases(world_size, num_gpus, dtype, fp16)
+    backend = resolve_backend(world_size, backend)
+    if backend == "gloo":  # CPU ranks, on this host by construction: shared-memory collectives
+        options.setdefault("same_host_collectives", True)
     resolve_config(None, options).check_for_generation()  # a bad option is the caller's error, before any worker
     made = None
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):

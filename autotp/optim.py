@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .groups import comm_device
 from .placements import Shard
 
 __all__ = ["clip_grad_norm_", "grad_norm", "cosine_lr"]
@@ -65,11 +66,12 @@ def grad_norm(sharded: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type}")
     if not hasattr(sharded, "plan"):  # plain module: nothing to reduce
         grads = [p.grad.detach() for p in sharded.parameters() if p.grad is not None]
-        device = grads[0].device if grads else "cpu"
+        device = grads[0].device if grads else torch.device("cpu")
         total = _norm(grads, norm_type, device)
         return total if math.isinf(norm_type) else total.pow(1.0 / norm_type)
     local, replicated = _split_params(sharded)
-    device = (local + replicated)[0].device if local + replicated else "cpu"
+    # a rank with no gradient still joins the all-reduce, on the device its backend takes
+    device = (local + replicated)[0].device if local + replicated else comm_device(sharded.group)
     part = _norm(local, norm_type, device)
     if sharded.world_size > 1:
         dist.all_reduce(part, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM,

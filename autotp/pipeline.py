@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.fx import GraphModule
 
@@ -38,7 +39,7 @@ from .runtime import Communicator
 from .samehost import enable_same_host_collectives
 
 __all__ = ["Ranks", "join_ranks", "plan_graph", "check_plans_agree", "lower_graph", "lowering_context", "plan_model",
-           "compile_model", "LOWERING"]
+           "compile_model", "run_device", "LOWERING"]
 
 SAME_HOST_TIMEOUT_S = 60.0  # the same-host transport's wait when ShardConfig.timeout_s is None
 
@@ -46,7 +47,7 @@ SAME_HOST_TIMEOUT_S = 60.0  # the same-host transport's wait when ShardConfig.ti
 # graph as analyzed), then the ops that become modules, then the parameters.
 LOWERING = [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.lower_row_bias,
             P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout, P.fuse_column_backward,
-            P.shard_parameters]
+            P.shard_parameters, P.retarget_device]
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,31 @@ class Ranks:
     world_size: int
     rank: int
     comm: Communicator
+    device: torch.device | None = None  # where this rank runs (None: where the model's tensors are)
 
 
 def join_ranks(world_size: int | None, group, config: ShardConfig) -> Ranks:
     """Resolve the process group (initialising it from torchrun's environment if needed), check
     ``world_size`` against it, and build the communicator (same-host transport where enabled)."""
     group, world, rank = resolve_group(world_size, group)
+    device = run_device(config, group)
     same_host = None
     if config.same_host_collectives:
         same_host = enable_same_host_collectives(group, timeout_s=config.timeout_s or SAME_HOST_TIMEOUT_S)
-    return Ranks(group, world, rank, Communicator(group, same_host, timeout_s=config.timeout_s))
+    return Ranks(group, world, rank, Communicator(group, same_host, timeout_s=config.timeout_s), device)
+
+
+def run_device(config: ShardConfig, group) -> torch.device | None:
+    """``ShardConfig.device``; else this rank's GPU on NCCL ranks (the collectives need CUDA tensors);
+    else ``None``: the model runs where its tensors are."""
+    if config.device is not None:
+        device = torch.device(config.device)
+        if device.type == "cuda" and device.index is None:  # "cuda": this rank's current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
 
 
 def plan_graph(gm: GraphModule, world_size: int, config: ShardConfig, *,
@@ -101,6 +117,7 @@ def check_plans_agree(plans: dict[str, Plan], ranks: Ranks) -> None:
 def lowering_context(plan: Plan, ranks: Ranks, config: ShardConfig, *, load=None, shared=None) -> P.LoweringContext:
     seed = config.seed if config.seed is not None else torch.initial_seed()
     return P.LoweringContext(plan=plan, rank=ranks.rank, world_size=ranks.world_size, comm=ranks.comm, seed=seed,
+                             device=ranks.device,
                              load=load, shared=shared)
 
 

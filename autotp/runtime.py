@@ -32,9 +32,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import traceable
 from .placements import Partial, Placement, Replicate, Shard
+from .traceable import all_gather as all_gather_op  # the torch.library twins of the modules below
+from .traceable import all_reduce as all_reduce_op
+from .traceable import copy_to_region as copy_to_region_op
 from .traceable import gather as _gather
+from .traceable import local_slice as _local_slice
+from .traceable import register as _register
+from .traceable import slice_op
 
 __all__ = [
     "Communicator", "CollectiveError", "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout",
@@ -72,7 +77,7 @@ class Communicator:
         # fixed for the group's life; plain attributes, so torch.compile reads them as constants
         self.world_size, self.rank = _world(group), _rank(group)
         # how the torch.library ops (traceable.py, under torch.compile) find it; held weakly there
-        self.name = traceable.register(self)
+        self.name = _register(self)
         self.issued = 0  # c10d collectives issued (their number in errors)
         self._wait_timeout = None  # decided on the first wait: the backend is known by then
 
@@ -118,7 +123,7 @@ class Communicator:
 
 
 def _slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> torch.Tensor:
-    return traceable.local_slice(x, dim, chunks, rank, world)
+    return _local_slice(x, dim, chunks, rank, world)
 
 
 class _AllReduceFn(torch.autograd.Function):
@@ -222,7 +227,7 @@ class ColumnLinear(_Collective):
                 return torch.nn.functional.linear(x, w, b)
             return torch.addmm(b, x, w) if b is not None else x.matmul(w)
         if torch.compiler.is_compiling():  # traceable: the copy op's backward is the all-reduce
-            x = traceable.copy_to_region(x, self.comm.name)
+            x = copy_to_region_op(x, self.comm.name)
             if self.out_in:
                 return torch.nn.functional.linear(x, w, b)
             return x.matmul(w) + b if b is not None else x.matmul(w)
@@ -240,7 +245,7 @@ class AllReduce(_Collective):
         if self.world_size == 1:
             return x
         if torch.compiler.is_compiling():
-            return traceable.all_reduce(x, self.comm.name)
+            return all_reduce_op(x, self.comm.name)
         if not torch.is_grad_enabled() and x.is_contiguous():
             return self.comm.all_reduce_(x)
         return _AllReduceFn.apply(x, self.comm)
@@ -257,7 +262,7 @@ class CopyToRegion(_Collective):
         if self.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
             return x
         if torch.compiler.is_compiling():
-            return traceable.copy_to_region(x, self.comm.name)
+            return copy_to_region_op(x, self.comm.name)
         return _CopyFn.apply(x, self.comm)
 
 
@@ -272,7 +277,7 @@ class AllGather(_Collective):
         if self.world_size == 1:
             return x
         if torch.compiler.is_compiling():
-            return traceable.all_gather(x, self.dim, self.chunks, self.global_size, self.comm.name)
+            return all_gather_op(x, self.dim, self.chunks, self.global_size, self.comm.name)
         return _GatherFn.apply(x, self.dim, self.chunks, self.global_size, self.comm)
 
     def extra_repr(self) -> str:
@@ -291,7 +296,7 @@ class LocalSlice(_Collective):
         if self.world_size == 1:
             return x
         if torch.compiler.is_compiling():
-            return traceable.slice_op(x, self.dim, self.chunks, self.comm.name)
+            return slice_op(x, self.dim, self.chunks, self.comm.name)
         if torch.is_grad_enabled() and x.requires_grad:
             return _SliceFn.apply(x, self.dim, self.chunks, self.comm)
         return _slice(x, self.dim, self.chunks, self.comm.rank, self.world_size)
@@ -380,11 +385,14 @@ class VocabParallelEmbedding(nn.Module):
 @contextmanager
 def _seeded(seed: int, device: torch.device):
     """Draw from ``seed`` inside a forked RNG: the default generators ranks share are left as they were."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
-        else:
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index]):  # the generator of the tensor's own GPU, not the current one
+        torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import torch
 from torch.fx import GraphModule
 
 from autotp.plan import Plan
@@ -33,6 +34,8 @@ class LoweringContext:
             (shard-on-load); ``None`` cuts slices from the tensors the graph holds.
         shared: optional dict shared by the graphs of one model (a generation model's
             prefill and decode steps) so they hold the same local tensors.
+        device: the device this rank runs on (``ShardConfig.device`` resolved); ``None``
+            leaves every tensor and device constant where capture put it.
     """
 
     plan: Plan
@@ -42,6 +45,7 @@ class LoweringContext:
     seed: int
     load: Callable | None = None
     shared: dict | None = None
+    device: torch.device | None = None
 
 
 def nodes_with_role(gm: GraphModule, plan: Plan, role: str) -> list[tuple[int, object]]:

@@ -8,6 +8,9 @@
 ``load(name, None, None, 0)`` a replicated one whole, ``name`` as the plan names
 it -- for shard-on-load; by default the slice is cut from the tensor the module holds.
 
+Each local tensor is made on ``ctx.device`` when one is set (one shard-sized copy, made
+there: no rank copies a whole tensor to its device).
+
 ``ctx.shared`` (optional, a dict) lets several graphs captured from one model (a
 generation model's prefill and decode steps) hold the *same* local tensors:
 keyed by the original tensor, filled by the first graph, reused by the next.
@@ -34,6 +37,14 @@ def _owner(gm: nn.Module, target: str):
 def shard_parameters(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     modified = False
     rank, world_size, load, shared = ctx.rank, ctx.world_size, ctx.load, ctx.shared
+    device = ctx.device
+
+    def own_copy(t: torch.Tensor) -> torch.Tensor:
+        """``t`` as this rank's own tensor on the run device: one copy, made there directly."""
+        return t.to(device, copy=True) if device is not None else t.clone()
+
+    def here(t):
+        return t.to(device) if device is not None and isinstance(t, torch.Tensor) else t
     for param in ctx.plan.parameters.values():
         target, pl = param.target, param.placement
         mod, leaf = _owner(gm, target)
@@ -47,7 +58,7 @@ def shard_parameters(gm: GraphModule, ctx: LoweringContext) -> PassResult:
             continue
         key = id(full)
         if not isinstance(pl, Shard):
-            own = load(param.name, None, None, 0) if load is not None else None
+            own = here(load(param.name, None, None, 0)) if load is not None else None
             if own is not None:
                 _set(mod, leaf, full, own)
             elif isinstance(full, torch.Tensor) and full.device.type == "meta":
@@ -59,14 +70,14 @@ def shard_parameters(gm: GraphModule, ctx: LoweringContext) -> PassResult:
             # .grad and optimizer updates never reach the user's model or another sharded copy)
             elif isinstance(full, torch.Tensor):
                 with torch.no_grad():
-                    own = full.detach().clone()
+                    own = own_copy(full.detach())
                 _set(mod, leaf, full, own)
             if shared is not None:
                 shared[key] = (pl, getattr(mod, leaf))
             continue
         index, pad = shard_index(full.shape[pl.dim], world_size, rank, pl.chunks)
         if load is not None:
-            local = load(param.name, pl.dim, index, pad)
+            local = here(load(param.name, pl.dim, index, pad))
         elif full.device.type == "meta":
             raise ValueError(
                 f"parameter {param.name} is on the meta device: autotp.shard needs real weights "
@@ -74,7 +85,7 @@ def shard_parameters(gm: GraphModule, ctx: LoweringContext) -> PassResult:
             )
         else:
             with torch.no_grad():
-                local = take_shard(full, pl.dim, index, pad).clone()
+                local = own_copy(take_shard(full, pl.dim, index, pad))
         _set(mod, leaf, full, local)
         if shared is not None:
             shared[key] = (pl, getattr(mod, leaf))

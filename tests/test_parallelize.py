@@ -113,5 +113,59 @@ def test_a_worker_failing_to_load_raises_in_the_caller(tmp_path):
 def test_parallelize_rejects_what_it_cannot_run():
     with pytest.raises(TypeError, match="Hugging Face model"):
         autotp.parallelize(torch.nn.Linear(4, 4), world_size=2)
-    with pytest.raises(ValueError, match="gloo"):
-        autotp.parallelize(BUILDERS["M2_gpt2"](), world_size=2, backend="nccl")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="needs one GPU per rank"):
+            autotp.parallelize(BUILDERS["M2_gpt2"](), world_size=2, backend="nccl")
+    with pytest.raises(ValueError, match="disagree"):
+        autotp.parallelize(BUILDERS["M2_gpt2"](), world_size=2, num_gpus=4)
+    with pytest.raises(ValueError, match="fp16=True and dtype"):
+        autotp.parallelize(BUILDERS["M2_gpt2"](), num_gpus=2, fp16=True, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs world_size"):
+        autotp.parallelize(BUILDERS["M2_gpt2"]())
+
+
+def _fake_gpus(monkeypatch, count: int):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("gpus, world, expected", [(4, 2, "nccl"), (2, 2, "nccl"), (1, 2, "gloo"), (0, 4, "gloo")])
+def test_backend_is_nccl_when_there_is_a_gpu_per_rank(monkeypatch, gpus, world, expected):
+    from autotp.interactive import resolve_backend
+
+    _fake_gpus(monkeypatch, gpus)
+    assert resolve_backend(world, None) == expected
+
+
+def test_parallelformers_one_liner_starts_nccl_workers_in_fp16(monkeypatch):
+    """``parallelize(model, num_gpus=2, fp16=True)`` on a machine with 2 GPUs: the pool it starts
+    (stood in for here: this machine has none) gets NCCL, fp16 and no shared-memory transport."""
+    import autotp.interactive as interactive
+
+    started = {}
+
+    class Pool:
+        def __init__(self, world_size, setup, payload, *, backend, timeout_s, env):
+            started.update(world_size=world_size, setup=setup, payload=payload, backend=backend)
+
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setattr(interactive, "WorkerPool", Pool)
+    lm = autotp.parallelize(BUILDERS["M2_gpt2"](), num_gpus=2, fp16=True)
+    assert started["world_size"] == 2 and started["backend"] == "nccl"
+    assert started["payload"]["dtype"] == torch.float16
+    assert "same_host_collectives" not in started["payload"]["options"]  # NCCL ranks are GPUs, not this host's shm
+    assert lm.pool.__class__ is Pool
+
+
+def test_parallelformers_names_on_cpu_ranks():
+    """``num_gpus`` / ``fp16`` with no GPU: gloo workers holding float16 shards, logits like the fp16 model's."""
+    torch.manual_seed(0)
+    model = BUILDERS["M3_llama_untied"]()
+    ids, mask = _prompts()
+    with autotp.parallelize(model, num_gpus=2, fp16=True) as lm:
+        assert lm.pool.backend == "gloo"
+        logits = lm(ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = model.half()(ids, attention_mask=mask, use_cache=False).logits[:, -1:]
+    assert logits.dtype == torch.float16
+    assert (logits.float() - ref.float()).abs().max().item() < 2e-2 * ref.float().abs().max().item()

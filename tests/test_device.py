@@ -1,0 +1,115 @@
+"""Run where the user runs: a graph captured on one device runs on another (``ShardConfig.device``).
+
+Without a GPU here, ``meta`` stands in for the target: a model captured on CPU and
+lowered for ``meta`` must hold no CPU tensor and no CPU device constant, and run on
+``meta`` inputs (every op then checks that its operands share a device).
+"""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+from torch.fx import Graph, GraphModule
+from torch.utils import _pytree as pytree
+
+from distributed import run_ranks_once
+
+CPU = torch.device("cpu")
+
+
+def _llama():
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=101)).eval()
+
+
+def _gpt2():
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=99)).eval()
+
+
+BUILD = {"llama": _llama, "gpt2": _gpt2}
+
+
+def _device_constants(gm: GraphModule) -> list[tuple[str, torch.device]]:
+    return [(n.name, d) for n in gm.graph.nodes if n.op == "call_function"
+            for d in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(d, torch.device)]
+
+
+def _tensors_off(gm, device) -> list[str]:
+    state = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    return [n for n, t in state if t.device != device]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cpu_capture_retargeted_to_meta_holds_no_cpu_constant(kind):
+    import autotp
+    from autotp.capture import capture
+
+    model = BUILD[kind]()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    captured = capture(model, (ids,), {"use_cache": False})
+    assert any(d == CPU for _, d in _device_constants(captured)), "the capture holds CPU constants to retarget"
+
+    sharded = autotp.shard(model, 1, example_inputs=(ids,), example_kwargs={"use_cache": False}, device="meta")
+    gm = sharded.module
+    assert [c for c in _device_constants(gm) if c[1] != torch.device("meta")] == []
+    assert _tensors_off(gm, torch.device("meta")) == []
+    out = sharded(ids.to("meta"), use_cache=False).logits  # every op checks its operands' devices
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 8, model.config.vocab_size)
+    # the user's model is untouched: its weights stay on the CPU
+    assert all(p.device == CPU for p in model.parameters())
+
+
+def _lowered_for_meta(rank: int, world: int) -> dict:
+    import autotp
+
+    model = _llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    sharded = autotp.shard(model, world, example_inputs=(ids,), example_kwargs={"use_cache": False}, device="meta")
+    gm = sharded.module
+    shapes_ok = all(tuple(p.shape) == tuple(sharded.plan.parameters[n].local_shape)
+                    for n, p in gm.named_parameters())
+    return {"constants": [str(d) for _, d in _device_constants(gm) if d.type != "meta"],
+            "off": _tensors_off(gm, torch.device("meta")), "shapes_ok": shapes_ok,
+            "sharded": sum(1 for p in sharded.plan.parameters.values()
+                           if isinstance(p.placement, autotp.placements.Shard))}
+
+
+def test_sharded_lowering_places_local_shards_on_the_run_device():
+    for r in run_ranks_once(_lowered_for_meta, 2):
+        assert r["sharded"] > 0 and r["shapes_ok"], r
+        assert r["constants"] == [] and r["off"] == [], r
+
+
+def test_positional_device_arguments_are_retargeted():
+    """``aten.to.device(x, device, dtype)`` takes its device positionally: the schema, not a keyword, finds it."""
+    from autotp.passes import LoweringContext, retarget_device
+    from autotp.plan import Plan
+
+    g = Graph()
+    x = g.placeholder("x")
+    moved = g.call_function(torch.ops.aten.to.device, (x, CPU, torch.float64))
+    r = g.call_function(torch.ops.aten.arange.start, (0, 4), {"device": CPU, "dtype": torch.float64})
+    g.output(g.call_function(operator.add, (moved, r)))
+    gm = GraphModule(torch.nn.Module(), g)
+    ctx = LoweringContext(plan=Plan.__new__(Plan), rank=0, world_size=1, comm=None, seed=0,
+                          device=torch.device("meta"))
+    gm = retarget_device(gm, ctx).graph_module
+    gm.recompile()
+    assert [d for _, d in _device_constants(gm) if d != torch.device("meta")] == []
+    assert gm(torch.zeros(4, device="meta")).device.type == "meta"
+
+
+def test_bad_device_is_a_clear_error():
+    from autotp.config import ShardConfig
+
+    with pytest.raises(ValueError, match="ShardConfig.device must be"):
+        ShardConfig(device="gpu:0")
