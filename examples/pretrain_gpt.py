@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU), fp32 weights")
-    g.add_argument("--fp16", action="store_true", help="fp16 autocast with a dynamic loss scale (CUDA only)")
+    g.add_argument("--fp16", action="store_true", help="fp16 autocast with a dynamic loss scale (GPU; CPU too, slowly)")
     g.add_argument("--loss-scale-window", type=int, default=1000, help="fp16: good steps before the scale grows")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
     g.add_argument("--seed", type=int, default=1234)
@@ -105,8 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.recompute_activations = args.recompute_activations or args.activations_checkpoint_method is not None
     if args.bf16 and args.fp16:
         ap.error("--bf16 and --fp16 are exclusive")
-    if args.fp16 and not torch.cuda.is_available():
-        ap.error("--fp16 needs CUDA (fp16 matmuls and torch.amp.GradScaler); on CPU use --bf16")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     if args.seq_length > args.max_position_embeddings:
         ap.error(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
@@ -295,16 +293,16 @@ def fail_once(args, rank: int, world: int, iteration: int) -> None:
     os._exit(1)
 
 
-def make_scaler(args, sharded):
+def make_scaler(args, sharded, device):
     """fp16's dynamic loss scale, or None. With TP the overflow check must agree across ranks
     (a rank whose shard overflowed must not be the only one to skip), hence the sharded scaler."""
     if not args.fp16:
         return None
     kw = dict(init_scale=args.initial_loss_scale, growth_interval=args.loss_scale_window)
     if sharded.world_size == 1:
-        return torch.amp.GradScaler("cuda", **kw)
+        return torch.amp.GradScaler(device.type, **kw)
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    return ShardedGradScaler("cuda", process_group=sharded.group, **kw)
+    return ShardedGradScaler(device.type, process_group=sharded.group, **kw)
 
 
 def main(argv=None) -> None:
@@ -356,7 +354,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-    scaler = make_scaler(args, sharded)
+    scaler = make_scaler(args, sharded, device)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
     def autocast():
