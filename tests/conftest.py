@@ -24,6 +24,10 @@ def pytest_addoption(parser):
                     help="minimize each distinct fuzz failure before reporting it (slow)")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped on CPU (bench/gpu_check.sh runs them: -m cuda)")
+
+
 @pytest.fixture
 def fuzz_summary(request) -> list:
     """Lines the fuzz test reports; printed at the end of the run whatever the capture mode."""

@@ -113,3 +113,56 @@ def test_bad_device_is_a_clear_error():
 
     with pytest.raises(ValueError, match="ShardConfig.device must be"):
         ShardConfig(device="gpu:0")
+
+
+# ---- on a GPU (bench/gpu_check.sh runs these with ``-m cuda``) --------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (this torch sees none)")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cuda_world_size_1_from_a_cpu_capture(kind):
+    import autotp
+
+    model = BUILD[kind]()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    sharded = autotp.shard(model, 1, example_inputs=(ids,), example_kwargs={"use_cache": False}, device="cuda")
+    assert _tensors_off(sharded.module, torch.device("cuda", torch.cuda.current_device())) == []
+    with torch.no_grad():
+        got = sharded(ids.cuda(), use_cache=False).logits
+        want = model.cuda()(ids.cuda(), use_cache=False).logits
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def _two_ranks_one_gpu(rank: int, world: int) -> float:
+    import autotp
+
+    model = _llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    sharded = autotp.shard(model, world, example_inputs=(ids,), example_kwargs={"use_cache": False}, device="cuda:0")
+    with torch.no_grad():
+        got = sharded(ids.cuda(), use_cache=False).logits
+        want = model.cuda()(ids.cuda(), use_cache=False).logits
+    return (got - want).abs().max().item() / want.abs().max().item()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_two_ranks_on_one_gpu_over_gloo():
+    assert max(run_ranks_once(_two_ranks_one_gpu, 2)) <= 1e-5
+
+
+def test_gpu_check_script_runs_on_cpu_ranks():
+    """bench/gpu_check.py's checks, on CPU ranks with tiny models: the script a GPU session runs must not rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| check" not in line]
+    assert len(rows) == 6 and "| SKIP" in rows[0] and all("| PASS" in r for r in rows[1:]), proc.stdout[-3000:]
