@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 from .config import ShardConfig, resolve_config
 from .pipeline import Ranks, compile_model, join_ranks, plan_model
 from .plan import Plan
-from .groups import check_same_inputs
+from .groups import check_inputs_once, check_same_inputs
 
 __all__ = ["plan", "shard", "ShardedModule"]
 
@@ -59,6 +59,7 @@ class ShardedModule(nn.Module):
         self.config = config
         self.timings = timings
         self._inputs_checked = not config.check_inputs or ranks.world_size == 1
+        self._inputs_flag = torch.zeros((), dtype=torch.int32)  # the compiled check's: 1 once checked
 
     def train(self, mode: bool = True) -> "ShardedModule":
         """Set training mode (dropout on or off). The exported graph module refuses ``train()``
@@ -69,6 +70,9 @@ class ShardedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # the collectives are traceable ops (traceable.py); no graph break
+            if not self._inputs_checked:  # compiled before any eager call: the check is an op too
+                tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+                check_inputs_once(self._inputs_flag, tensors, self.comm.name)
             return self.module(*args, **kwargs)
         if not self._inputs_checked:
             check_same_inputs(args, kwargs, self.group)

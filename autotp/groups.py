@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-__all__ = ["init_process_group_from_env", "resolve_group", "check_same_inputs", "max_and_min", "comm_device"]
+__all__ = ["init_process_group_from_env", "resolve_group", "check_same_inputs", "check_inputs_once", "max_and_min",
+           "comm_device"]
 
 
 def init_process_group_from_env(world_size: int | None) -> None:
@@ -102,3 +103,21 @@ def check_same_inputs(args, kwargs, group) -> None:
         "rank must see the same inputs: seed before making random inputs (torch.manual_seed), shard the data "
         "loader by data-parallel rank only, or broadcast the batch from one rank"
     )
+
+
+@torch.library.custom_op("autotp::check_inputs_once", mutates_args=("done",))
+def check_inputs_once(done: torch.Tensor, inputs: list[torch.Tensor], comm: str) -> None:
+    """``check_same_inputs`` on the first call (``done`` is 0), under ``torch.compile``: an op with a
+    side effect (it sets ``done``), so the compiled graph keeps it; later calls only read the flag.
+    The inputs are named by position (``args[i]``: the tensor inputs, in order)."""
+    if int(done):
+        return
+    from .traceable import communicator
+
+    check_same_inputs(tuple(inputs), {}, communicator(comm).group)
+    done.fill_(1)
+
+
+@check_inputs_once.register_fake
+def _(done, inputs, comm):
+    return None

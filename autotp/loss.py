@@ -23,70 +23,121 @@ import torch
 from torch import nn
 
 from .runtime import Communicator
+from .traceable import communicator
 
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropy", "vocab_ce_collectives"]
 
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 
 
+def _ce_forward(logits, target, vocab_size: int, ignore_index: int, reduction: str, label_smoothing: float,
+                comm) -> tuple[torch.Tensor, tuple, int]:
+    """The loss, what backward keeps (softmax, idx, owned, ignored, count) and the valid column count."""
+    world, rank = comm.world_size, comm.rank
+    n_local = logits.shape[-1]
+    start = rank * n_local
+    valid = max(0, min(n_local, vocab_size - start))  # columns past the vocab are padding
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if valid < n_local:
+        x = x.clone()
+        x[:, valid:] = float("-inf")
+    m = x.max(dim=-1).values
+    if world > 1:
+        comm.all_reduce_(m, "max")
+    x = x - m[:, None]
+    ignored = target == ignore_index
+    local_t = target - start
+    owned = (local_t >= 0) & (local_t < valid) & ~ignored
+    idx = local_t.clamp(0, max(n_local - 1, 0))
+    e = x.exp()
+    parts = [torch.where(owned, x.gather(1, idx[:, None]).squeeze(1), 0.0), e.sum(-1)]
+    if label_smoothing:
+        parts.append(x[:, :valid].sum(-1))
+    stacked = torch.stack(parts, dim=1)
+    if world > 1:
+        comm.all_reduce_(stacked, "sum")
+    t, z = stacked[:, 0], stacked[:, 1]
+    log_z = z.log()
+    loss = log_z - t
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - stacked[:, 2] / vocab_size)
+    loss = loss.masked_fill(ignored, 0.0)
+    count = (~ignored).sum()
+    softmax = e.div_(z[:, None])
+    if reduction == "none":
+        out = loss.to(logits.dtype)
+    else:
+        total = loss.sum()
+        out = (total / count if reduction == "mean" else total).to(logits.dtype)
+    return out, (softmax, idx, owned, ignored, count), valid
+
+
+def _ce_backward(grad, saved, reduction: str, eps: float, vocab_size: int, valid: int, dtype) -> torch.Tensor:
+    """d loss / d logits on the local columns (no communication); overwrites the saved softmax."""
+    softmax, idx, owned, ignored, count = saved
+    g = grad.to(softmax.dtype)
+    if reduction == "mean":
+        g = (g / count).expand(softmax.shape[0])
+    elif reduction == "sum":
+        g = g.expand(softmax.shape[0])
+    dx = softmax
+    rows = torch.arange(dx.shape[0], device=dx.device)
+    dx[rows[owned], idx[owned]] -= 1.0 - eps
+    if eps:
+        dx[:, :valid] -= eps / vocab_size
+    dx[:, valid:] = 0.0
+    dx.mul_(g.masked_fill(ignored, 0.0)[:, None])
+    return dx.to(dtype)
+
+
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm):
-        world, rank = comm.world_size, comm.rank
-        n_local = logits.shape[-1]
-        start = rank * n_local
-        valid = max(0, min(n_local, vocab_size - start))  # columns past the vocab are padding
-        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        if valid < n_local:
-            x = x.clone()
-            x[:, valid:] = float("-inf")
-        m = x.max(dim=-1).values
-        if world > 1:
-            comm.all_reduce_(m, "max")
-        x = x - m[:, None]
-        ignored = target == ignore_index
-        local_t = target - start
-        owned = (local_t >= 0) & (local_t < valid) & ~ignored
-        idx = local_t.clamp(0, max(n_local - 1, 0))
-        e = x.exp()
-        parts = [torch.where(owned, x.gather(1, idx[:, None]).squeeze(1), 0.0), e.sum(-1)]
-        if label_smoothing:
-            parts.append(x[:, :valid].sum(-1))
-        stacked = torch.stack(parts, dim=1)
-        if world > 1:
-            comm.all_reduce_(stacked, "sum")
-        t, z = stacked[:, 0], stacked[:, 1]
-        log_z = z.log()
-        loss = log_z - t
-        if label_smoothing:
-            loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - stacked[:, 2] / vocab_size)
-        loss = loss.masked_fill(ignored, 0.0)
-        count = (~ignored).sum()
-        softmax = e.div_(z[:, None])
-        ctx.save_for_backward(softmax, idx, owned, ignored, count)
+        out, saved, valid = _ce_forward(logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm)
+        ctx.save_for_backward(*saved)
         ctx.args = (reduction, label_smoothing, vocab_size, valid, logits.dtype)
-        if reduction == "none":
-            return loss.to(logits.dtype)
-        total = loss.sum()
-        return (total / count if reduction == "mean" else total).to(logits.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, idx, owned, ignored, count = ctx.saved_tensors
-        reduction, eps, vocab_size, valid, dtype = ctx.args
-        g = grad.to(softmax.dtype)
-        if reduction == "mean":
-            g = (g / count).expand(softmax.shape[0])
-        elif reduction == "sum":
-            g = g.expand(softmax.shape[0])
-        dx = softmax
-        rows = torch.arange(dx.shape[0], device=dx.device)
-        dx[rows[owned], idx[owned]] -= 1.0 - eps
-        if eps:
-            dx[:, :valid] -= eps / vocab_size
-        dx[:, valid:] = 0.0
-        dx.mul_(g.masked_fill(ignored, 0.0)[:, None])
-        return dx.to(dtype), None, None, None, None, None, None
+        return _ce_backward(grad, ctx.saved_tensors, *ctx.args), None, None, None, None, None, None
+
+
+# Under torch.compile: the same forward and backward as one custom op (opaque to Dynamo: its
+# collectives and its label check run as they do eagerly); what backward keeps is returned.
+@torch.library.custom_op("autotp::vocab_parallel_cross_entropy", mutates_args=())
+def _ce_op(logits: torch.Tensor, target: torch.Tensor, vocab_size: int, ignore_index: int, reduction: str,
+           label_smoothing: float, comm: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor]:
+    _check_targets(target, vocab_size, ignore_index)
+    out, saved, _ = _ce_forward(logits, target, vocab_size, ignore_index, reduction, label_smoothing,
+                                communicator(comm))
+    return (out, *saved)
+
+
+@_ce_op.register_fake
+def _(logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm):
+    n = logits.shape[0]
+    work = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    out = logits.new_empty((n,) if reduction == "none" else ())
+    return (out, logits.new_empty(logits.shape, dtype=work), target.new_empty((n,)),
+            target.new_empty((n,), dtype=torch.bool), target.new_empty((n,), dtype=torch.bool),
+            target.new_empty((), dtype=torch.int64))
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, _, vocab_size, _, reduction, eps, comm = inputs
+    ctx.save_for_backward(*output[1:])
+    c = communicator(comm)
+    valid = max(0, min(logits.shape[-1], vocab_size - c.rank * logits.shape[-1]))
+    ctx.args = (reduction, eps, vocab_size, valid, logits.dtype)
+
+
+def _ce_op_backward(ctx, grad, *_):
+    return _ce_backward(grad, ctx.saved_tensors, *ctx.args), None, None, None, None, None, None
+
+
+_ce_op.register_autograd(_ce_op_backward, setup_context=_ce_setup)
 
 
 def vocab_ce_collectives(rows: int, label_smoothing: float) -> list[tuple[str, list, str]]:
@@ -142,10 +193,14 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
     if logits_shard.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits_shard.shape)} and target {tuple(target.shape)} disagree: "
                          "logits must be target's shape plus the vocab dim")
-    _check_targets(target, vocab_size, ignore_index)
     flat = logits_shard.reshape(-1, n_local)
-    loss = _VocabParallelCE.apply(flat, target.reshape(-1), vocab_size, ignore_index, reduction,
-                                  float(label_smoothing), comm)
+    if torch.compiler.is_compiling():  # traceable: the op checks the targets when it runs
+        loss = _ce_op(flat, target.reshape(-1), vocab_size, ignore_index, reduction, float(label_smoothing),
+                      comm.name)[0]
+    else:
+        _check_targets(target, vocab_size, ignore_index)
+        loss = _VocabParallelCE.apply(flat, target.reshape(-1), vocab_size, ignore_index, reduction,
+                                      float(label_smoothing), comm)
     return loss.view(target.shape) if reduction == "none" else loss
 
 

@@ -24,7 +24,6 @@ lowering builds its modules from it.
 from __future__ import annotations
 
 import datetime
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,9 +35,11 @@ from .placements import Partial, Placement, Replicate, Shard
 from .traceable import all_gather as all_gather_op  # the torch.library twins of the modules below
 from .traceable import all_reduce as all_reduce_op
 from .traceable import copy_to_region as copy_to_region_op
+from .traceable import dropout_keep, sdpa_math
 from .traceable import gather as _gather
 from .traceable import local_slice as _local_slice
 from .traceable import register as _register
+from .traceable import seeded as _seeded
 from .traceable import slice_op
 
 __all__ = [
@@ -382,20 +383,6 @@ class VocabParallelEmbedding(nn.Module):
         return f"rows=[{self.start}, {self.start + self.rows})"
 
 
-@contextmanager
-def _seeded(seed: int, device: torch.device):
-    """Draw from ``seed`` inside a forked RNG: the default generators ranks share are left as they were."""
-    if device.type != "cuda":
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with torch.random.fork_rng(devices=[index]):  # the generator of the tensor's own GPU, not the current one
-        torch.cuda.default_generators[index].manual_seed(seed)
-        yield
-
-
 class TPDropout(nn.Module):
     """Dropout with probability ``p`` while ``self.training``; see ``passes/lower_dropout.py``.
 
@@ -408,14 +395,20 @@ class TPDropout(nn.Module):
         super().__init__()
         self.p, self.sharded, self.seed = p, sharded, seed
         self._calls = 0
+        self.name = _register(self, "dropout")  # how the traceable mask op finds next_seed
+
+    def next_seed(self) -> int:
+        self._calls += 1
+        return self.seed + 1_000_003 * self._calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if not self.sharded:
             return torch.nn.functional.dropout(x, self.p, True)
-        self._calls += 1
-        with _seeded(self.seed + 1_000_003 * self._calls, x.device):
+        if torch.compiler.is_compiling():  # the same mask, from an op Dynamo can trace
+            return x * (dropout_keep(x.detach(), self.p, self.name) / (1.0 - self.p))
+        with _seeded(self.next_seed(), x.device):
             return torch.nn.functional.dropout(x, self.p, True)
 
     def extra_repr(self) -> str:
@@ -434,6 +427,9 @@ class TPAttention(nn.Module):
         self.dropout_p, self.sharded, self.seed = dropout_p, sharded, seed
         self.sdpa_kwargs = sdpa_kwargs
         self._calls = 0
+        self.name = _register(self, "dropout")
+
+    next_seed = TPDropout.next_seed
 
     def forward(self, q, k, v, attn_mask=None):
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -441,8 +437,10 @@ class TPAttention(nn.Module):
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.0, **self.sdpa_kwargs)
         if not self.sharded:
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p, **self.sdpa_kwargs)
-        self._calls += 1
-        with _seeded(self.seed + 1_000_003 * self._calls, q.device):
+        if torch.compiler.is_compiling():  # written out, so that the mask comes from the traceable op
+            return sdpa_math(q, k, v, attn_mask, dropout_p=self.dropout_p, **self.sdpa_kwargs,
+                             keep=lambda probs: dropout_keep(probs.detach(), self.dropout_p, self.name))
+        with _seeded(self.next_seed(), q.device):
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p, **self.sdpa_kwargs)
 
     def extra_repr(self) -> str:

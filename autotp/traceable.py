@@ -22,30 +22,34 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import weakref
+from contextlib import contextmanager
 
 import torch
 
 from .placements import pad_zeros, shard_index, take_shard
 
-__all__ = ["register", "communicator", "gather", "local_slice"]
+__all__ = ["register", "communicator", "gather", "local_slice", "seeded", "sdpa_math"]
 
-_COMMUNICATORS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # a model's modules hold theirs
+# name -> object, for the ops (which cannot take Python objects): communicators, and the dropout
+# modules whose call counters pick each mask's seed.  Held weakly: a model's modules hold theirs.
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _NAMES = itertools.count()
 
 
-def register(comm) -> str:
-    """Give ``comm`` a process-unique name the ops can carry, and remember it under that name."""
-    name = f"comm{next(_NAMES)}"
-    _COMMUNICATORS[name] = comm
+def register(owner, kind: str = "comm") -> str:
+    """Give ``owner`` a process-unique name the ops can carry, and remember it under that name."""
+    name = f"{kind}{next(_NAMES)}"
+    _OWNERS[name] = owner
     return name
 
 
 def communicator(name: str):
     try:
-        return _COMMUNICATORS[name]
+        return _OWNERS[name]
     except KeyError:
-        raise ValueError(f"no autotp communicator named {name!r} in this process: a compiled sharded model runs "
+        raise ValueError(f"no autotp communicator or dropout named {name!r} in this process: a compiled sharded model runs "
                          "only in the process (rank) that sharded it") from None
 
 
@@ -177,3 +181,54 @@ def _slice_backward(ctx, grad):
 
 
 slice_op.register_autograd(_slice_backward, setup_context=_save_slice)
+
+
+# ---- dropout on sharded activations: each rank's own stream, traceable ------------------------
+
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """Draw from ``seed`` inside a forked RNG: the default generators ranks share are left as they were."""
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index]):  # the generator of the tensor's own GPU, not the current one
+        torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+@torch.library.custom_op("autotp::dropout_keep", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_keep(like: torch.Tensor, p: float, owner: str) -> torch.Tensor:
+    """The keep mask (1 kept, 0 dropped) of ``owner``'s next dropout call, drawn from its next seed:
+    the draw ``F.dropout`` makes there (``bernoulli(1 - p)`` of the input's shape), so compiled and
+    eager calls drop the same elements.  Tagged nondeterministic: never merged with another call,
+    never recomputed in backward."""
+    with seeded(communicator(owner).next_seed(), like.device):
+        return torch.empty_like(like, memory_format=torch.contiguous_format).bernoulli_(1 - p)
+
+
+@dropout_keep.register_fake
+def _(like, p, owner):
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def sdpa_math(q, k, v, attn_mask=None, *, dropout_p: float, keep, is_causal: bool = False, scale=None,
+              enable_gqa: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` written out, its dropout mask from ``keep(probabilities)``:
+    what a compiled model runs where attention dropout draws from a rank's own stream (the fused
+    op draws its mask inside, where no generator can be given)."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.ops.aten._safe_softmax(scores, -1)  # a row with nothing to attend to gives zeros, as the op does
+    if dropout_p > 0.0:
+        probs = probs * (keep(probs) / (1.0 - dropout_p))
+    return probs @ v
