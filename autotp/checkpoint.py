@@ -64,8 +64,9 @@ import torch.distributed.checkpoint as dcp
 
 from .hf_export import export_hf, full_state_dict
 from .placements import Placement, Shard
-from .storage import (INDEX_FILE, _check_files, _check_index, _check_plain_json, _decode, _device, _dtype_name,
-                      _encode, _entries, _few, _index_from_json, _Layout, _planner, _reader, _stored_shape, _writer)
+from .storage import (INDEX_FILE, _check_files, _check_index, _check_plain_json, _data_parallel_mesh, _decode,
+                      _device, _dtype_name, _encode, _entries, _few, _index_from_json, _Layout, _like, _planner,
+                      _reader, _stored_shape, _whole, _writer)
 from .version import __version__
 
 __all__ = ["save", "load", "full_state_dict", "export_hf"]
@@ -138,7 +139,10 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
     """Save this rank's shards (and the optimizer state) as one DCP checkpoint at ``path``.
 
     Collective: call on every rank of the TP group with the same ``path`` (a directory on a
-    filesystem every rank can reach).
+    filesystem every rank can reach).  2-D (data x tensor parallel): under FSDP2 (``fully_shard``
+    on the data-parallel mesh) call it on every rank -- each tensor is gathered over the
+    data-parallel replicas and replica 0's TP group writes; under DDP (every replica holds the
+    same tensors) call it on one replica's ranks only.  ``load`` is called on every rank.
 
     Args:
         path: checkpoint directory (created; files in it are overwritten).
@@ -166,9 +170,10 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
     layout = _Layout(sharded, _device(entries))
     meta = {"format": FORMAT, "autotp_version": __version__, "world_size": sharded.world_size, "step": step,
             "parameters": _fingerprint(entries), "optimizer": None}
+    dp_mesh = _data_parallel_mesh(entries)  # FSDP2 across data-parallel replicas: gather, replica 0 writes
     model_sd = {}
     for name, (t, info) in entries.items():
-        model_sd[name] = layout.to_stored(t.detach(), info.placement,
+        model_sd[name] = layout.to_stored(_whole(t.detach()), info.placement,
                                           list(info.global_shape))
     state_dict = {"model": model_sd}
     if optimizer is not None:
@@ -185,7 +190,7 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
                 for key, value in optimizer.state[p].items():
                     kind = _state_kind(key, value, params[name], pl, name)
                     if kind == "param":
-                        st[key] = layout.to_stored(value.detach(), pl, list(info.global_shape))
+                        st[key] = layout.to_stored(_whole(value.detach()), pl, list(info.global_shape))
                         kd[key] = {"kind": kind, "dtype": _dtype_name(value.dtype)}
                     elif kind == "replicated":
                         st[key] = value.detach()
@@ -202,6 +207,8 @@ def save(path, sharded, optimizer: torch.optim.Optimizer | None = None, *, step:
             {"params": names, "hyper": h} for names, h in zip(groups, hyper)], "state": kinds}
         state_dict["optim"] = state
     meta["extra"] = extra
+    if dp_mesh is not None and dp_mesh.get_local_rank() != 0:
+        return  # another data-parallel replica holds the same tensors and writes them
     os.makedirs(path, exist_ok=True)
     dcp.save(state_dict, storage_writer=_writer(path, meta), **_dcp_kwargs(layout))
 
@@ -396,8 +403,8 @@ def load(path, sharded, optimizer: torch.optim.Optimizer | None = None) -> dict:
         t, info = entries[name]
         pl = info.placement
         if saved[name]["stored_shape"] == here[name]["stored_shape"]:
-            return layout.from_stored(loaded, pl, list(t.shape))
-        return layout.cut(loaded.reshape(here[name]["global_shape"]), pl)
+            return _like(layout.from_stored(loaded, pl, list(t.shape)), t)
+        return _like(layout.cut(loaded.reshape(here[name]["global_shape"]), pl), t)
 
     state_dict = {"model": {name: target(name, t.dtype) for name, (t, _) in entries.items()}}
     opt_meta = meta.get("optimizer") if optimizer is not None else None

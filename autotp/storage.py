@@ -108,6 +108,34 @@ def _entries(sharded) -> dict[str, tuple[torch.Tensor, ParamPlan]]:
     return out
 
 
+def _data_parallel_mesh(entries):
+    """The data-parallel ``DeviceMesh`` when FSDP2 (``fully_shard``) holds this rank's tensors as
+    DTensors sharded over it (2-D: autotp on the TP group, FSDP across); else ``None``."""
+    from torch.distributed.tensor import DTensor
+
+    for t, _ in entries.values():
+        if isinstance(t, DTensor):
+            return t.device_mesh
+    return None
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """This TP rank's tensor, gathered over the data-parallel mesh if FSDP2 shards it (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (this TP rank's whole tensor) laid out as ``param`` is: FSDP2's data-parallel shard of
+    it for a DTensor parameter (cut locally: every data-parallel replica read the same value)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+
+
 def _device(entries) -> torch.device:
     for t, _ in entries.values():
         return t.device

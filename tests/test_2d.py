@@ -4,7 +4,7 @@ autotp shards over the mesh's ``tp`` axis; FSDP2 (``fully_shard``) or DDP replic
 over ``dp``.  Each data-parallel group trains on its own half of the batch; after one
 step every rank's gradient (its tensor-parallel shard, whole over ``dp``) equals the
 single-process model's gradient on the whole batch, cut the way the plan shards it.
-A checkpoint saved at 2 x 2 (by one data-parallel replica) loads at 1 x 4.
+A checkpoint (model and optimizer) saved at 2 x 2 loads at 1 x 4.
 """
 from __future__ import annotations
 
@@ -80,33 +80,42 @@ def _two_d(rank: int, world: int, wrapper: str, ckpt: str) -> dict:
         checked += 1
     out = {"worst": worst, "checked": checked, "tp_collectives": tp_collectives,
            "planned": sum(sharded.plan.counts("forward").values()) + sum(sharded.plan.counts("backward").values())}
-    if wrapper == "ddp":
-        out["ckpt"] = _save_2x2_load_1x4(sharded, reference, mesh, dp, ckpt)
+    out["ckpt"], out["ckpt_opt"] = _save_2x2_load_1x4(sharded, trained, reference, dp, ckpt, wrapper)
     dist.barrier()
     return out
 
 
-def _save_2x2_load_1x4(sharded, reference, mesh, dp: int, ckpt: str) -> float:
-    """One SGD step at 2 x 2, saved by data-parallel replica 0's TP group; loaded into a 1 x 4 sharding."""
+def _save_2x2_load_1x4(sharded, trained, reference, dp: int, ckpt: str, wrapper: str) -> tuple[float, float]:
+    """One SGD-with-momentum step at 2 x 2, checkpointed (model and optimizer); loaded into a 1 x 4
+    sharding.  Returns the loaded model's logits error and its optimizer state's (the momentum
+    buffer) error against the single-process model after the same step.  (SGD: its update is linear
+    in the gradient, so rounding stays rounding; Adam's first step divides by |g|.)"""
     import torch.distributed as dist
 
     import autotp
 
-    torch.optim.SGD(sharded.parameters(), lr=0.5).step()
-    if dp == 0:  # the replicas hold the same weights: one of them saves
-        autotp.checkpoint.save(ckpt, sharded, step=1)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5, momentum=0.9)
+    optimizer.step()
+    if wrapper == "fsdp" or dp == 0:  # FSDP2: every rank (gathered over dp, replica 0 writes); DDP: one replica
+        autotp.checkpoint.save(ckpt, sharded, optimizer, step=1)
     dist.barrier()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p -= 0.5 * p.grad
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+    ref_opt.step()
     probe = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(7))
     four = autotp.shard(_model(), 4, example_inputs=(probe,), example_kwargs={"use_cache": False})
-    info = autotp.checkpoint.load(ckpt, four)
+    opt4 = torch.optim.SGD(four.parameters(), lr=0.5, momentum=0.9)
+    info = autotp.checkpoint.load(ckpt, four, opt4)
     assert info["world_size"] == 2 and info["step"] == 1, info
     with torch.no_grad():
         got = four(probe, use_cache=False).logits
         want = reference(probe, use_cache=False).logits
-    return (got - want).abs().max().item() / want.abs().max().item()
+    ref = dict(reference.named_parameters())
+    rank = dist.get_rank()
+    opt_err = max((opt4.state[p]["momentum_buffer"] - _narrow(ref_opt.state[ref[n]]["momentum_buffer"],
+                                                               four.plan.parameters[n].placement, 4, rank)).abs().max().item()
+                  / max(1e-12, ref_opt.state[ref[n]]["momentum_buffer"].abs().max().item())
+                  for n, p in four.module.named_parameters())
+    return (got - want).abs().max().item() / want.abs().max().item(), opt_err
 
 
 @pytest.mark.parametrize("wrapper", ["fsdp", "ddp"])
@@ -115,8 +124,7 @@ def test_data_by_tensor_parallel_gradients_equal_the_single_process_model(wrappe
         assert r["checked"] > 0
         assert r["worst"] < 1e-5, r
         assert r["tp_collectives"] == r["planned"], r  # the TP group's collectives, as planned
-        if wrapper == "ddp":
-            assert r["ckpt"] < 1e-5, r
+        assert r["ckpt"] < 1e-5 and r["ckpt_opt"] < 1e-5, r  # saved at 2 x 2, loaded at 1 x 4
 
 
 @pytest.mark.parametrize("wrapper", ["fsdp", "ddp"])
