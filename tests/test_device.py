@@ -89,6 +89,26 @@ def test_sharded_lowering_places_local_shards_on_the_run_device():
         assert r["constants"] == [] and r["off"] == [], r
 
 
+def test_from_pretrained_loads_each_shard_onto_the_run_device(tmp_path):
+    """Shard-on-load with ``device=``: the generation steps (prefill, decode) hold no CPU tensor and
+    no CPU device constant, and the shards hold the checkpoint's values."""
+    import autotp
+
+    model = _llama()
+    model.save_pretrained(tmp_path)
+    lm = autotp.from_pretrained(str(tmp_path), 1, device="meta")
+    meta = torch.device("meta")
+    for step in (lm.autotp_steps.prefill, lm.autotp_steps.decode):
+        assert [c for c in _device_constants(step) if c[1] != meta] == []
+        assert _tensors_off(step, meta) == []
+    assert lm.autotp_load_stats["bytes_read"] > 0
+    cpu = autotp.from_pretrained(str(tmp_path), 1)  # the same load, kept on the CPU: the checkpoint's values
+    ref = dict(model.named_parameters())
+    names = {pp.target: pp.name for pp in cpu.autotp_steps.plans["prefill"].parameters.values()}
+    loaded = list(cpu.autotp_steps.prefill.named_parameters())
+    assert loaded and all(torch.equal(p, ref[names[target]]) for target, p in loaded)
+
+
 def test_positional_device_arguments_are_retargeted():
     """``aten.to.device(x, device, dtype)`` takes its device positionally: the schema, not a keyword, finds it."""
     from autotp.passes import LoweringContext, retarget_device
