@@ -13,7 +13,9 @@ collective (its ``local_shape``), ``bytes`` the whole logical value.  Activation
 every tensor an op of the forward materializes (inputs included, views not) at one rank's
 local shape: ``activation_bytes`` all of them (an upper bound: what a backward could keep),
 ``activation_peak_bytes`` the most alive at once in graph order, each freed after its last
-reader (an inference forward).  Ranks hold equal local shapes (uneven dims are padded).
+reader (an inference forward).  Ranks hold equal local shapes (uneven dims are padded).  In
+the plan of a dynamic capture a dynamic dim is its symbol's name (``"s0"``) in shapes; the
+byte counts of this file take it as 1 (``Plan.collectives[].bytes``: at the example size).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import subprocess
 
 from .graph import VIEW_OPS, block_hashes, blocks, identical_blocks, nbytes, planned_graph, replication_path
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "plan_document", "validate", "dump_plan"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "plan_document", "validate", "dump_plan", "dump_if_asked"]
 
 SCHEMA_VERSION = 1
 
@@ -244,3 +246,20 @@ def dump_plan(plan, directory, *, expand: bool = False, dot_timeout_s: float = 1
         f.write(html_page(doc, svg, note=written.get("note")))
     written["plan.html"] = path
     return written
+
+
+def dump_if_asked(plan) -> dict[str, str] | None:
+    """``Plan.dump`` into ``$AUTOTP_DUMP`` when that variable is set (``autotp.plan`` and, on rank 0,
+    ``autotp.shard`` call this).  A dump that fails warns instead of raising: the model is sharded
+    either way, and raising on one rank only would leave the others waiting in a collective."""
+    directory = os.environ.get("AUTOTP_DUMP")
+    if not directory:
+        return None
+    try:
+        return dump_plan(plan, directory)
+    except Exception as e:  # reported, never fatal (see above)
+        import warnings
+
+        warnings.warn(f"AUTOTP_DUMP={directory}: could not write the plan's dump ({type(e).__name__}: {e}); "
+                      "unset AUTOTP_DUMP or point it at a writable directory", stacklevel=3)
+        return None
