@@ -130,7 +130,7 @@ def _add_collectives(g: nx.DiGraph, plan) -> None:
         red = REDISTRIBUTIONS[s.kind]
         fwd = planned.get((s.src, s.kind, repr(s.frm), repr(s.to), "forward"))
         bwd = planned.get((s.src, s.kind, repr(s.frm), repr(s.to), "backward"))
-        block = src["block"] or next((g.nodes[c]["block"] for c in consumers if g.nodes[c]["block"]), None)
+        block = src["block"]  # a redistribution belongs where the value it reads is made
         g.add_node(s.name, kind="collective", op=s.kind, redistribution=s.kind, forward_op=red.forward,
                    backward_op=red.backward if bwd is not None else None, change=f"{s.frm} -> {s.to}",
                    shape=src["shape"], local_shape=(fwd or bwd).local_shape if (fwd or bwd) else src["local_shape"],

@@ -150,6 +150,9 @@ _JS = """
     shown.textContent = t ? n + ' rows match' : '';
   }
   q.addEventListener('input', filter);
+  if (location.hash.indexOf('#q=') === 0) {  // plan.html#q=c_attn: a link to a search
+    q.value = decodeURIComponent(location.hash.slice(3));
+  }
   filter();
 })();
 """
