@@ -173,20 +173,24 @@ def html_page(doc: dict, svg: str | None, *, note: str | None = None) -> str:
            f"rank {_mib(mem['param_bytes_per_rank'])} of {_mib(mem['param_bytes_total'])}</p></header><main>",
            '<p><input id="q" type="search" placeholder="search parameters, blocks, ops" aria-label="search"> '
            '<span id="shown" class="tag"></span></p>']
-    out += _memory(doc) + _totals(doc) + _blocks_table(doc) + _params_table(doc) + _replicated(doc)
-    out.append("<h2>Graph</h2><p>")
+    out += _memory(doc) + _totals(doc) + _blocks_table(doc) + _graph(svg, note) + _replicated(doc) + _params_table(doc)
+    out.append(f"</main><script>{_JS}</script></body></html>")
+    return "\n".join(out)
+
+
+def _graph(svg: str | None, note: str | None) -> list[str]:
+    out = ["<h2>Graph</h2><p>"]
     for kind, label in (("shard", "sharded"), ("partial", "partial sum"), ("replicate", "replicated")):
         out.append(f'<span class="sw" style="background:{COLOURS[kind]}"></span>{label}')
     out.append(f'<span class="sw" style="background:{COLLECTIVE}"></span>collective (outlined: backward only)</p>')
     if note:
-        out.append(f'<p class="note">{e(note)}</p>')
+        out.append(f'<p class="note">{html.escape(note)}</p>')
     if svg:
         out.append('<div id="graph">' + re.sub(r"^.*?(?=<svg)", "", svg, flags=re.S) + "</div>")
     else:
         out.append('<div id="graph"><p class="note">No picture: graph.dot is beside this page '
                    "(render it with Graphviz: <code>dot -Tsvg graph.dot</code>).</p></div>")
-    out.append(f"</main><script>{_JS}</script></body></html>")
-    return "\n".join(out)
+    return out
 
 
 def _memory(doc: dict) -> list[str]:
