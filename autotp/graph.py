@@ -83,6 +83,9 @@ def nbytes(shape, dtype: str | None) -> int:
 
 def planned_graph(plan) -> nx.DiGraph:
     """The plan's dataflow graph with one node per value and one per redistribution (see the module docstring)."""
+    if not plan.graph and (plan.steps or plan.nodes):
+        raise ValueError("this plan carries no graph (Plan.graph is empty: made by hand or by an older autotp); "
+                         "make it again with autotp.plan to draw it")
     g = nx.DiGraph(world_size=plan.world_size)
     world = plan.world_size
     by_target = {p.target: p for p in plan.parameters.values()}

@@ -118,7 +118,7 @@ def _activations(g, world_sharded: bool) -> tuple[int, int]:
     sizes, last = {}, {}
     for n in order:
         d = g.nodes[n]
-        if d["op"] in VIEW_OPS or not d["shape"]:
+        if not d["shape"] or (d["op"] in VIEW_OPS and not _own_output(g, n, d)):
             continue
         sizes[n] = d[key]
         users = [position[u] for u in _value_readers(g, n) if u in position]
@@ -133,6 +133,11 @@ def _activations(g, world_sharded: bool) -> tuple[int, int]:
         peak = max(peak, alive)
         alive -= frees.pop(i, 0)
     return total, peak
+
+
+def _own_output(g, n, d) -> bool:
+    """A ``getitem`` of an op with several outputs (not of a split) is memory of its own."""
+    return d["op"] == "getitem" and not any(g.nodes[p]["op"] in VIEW_OPS for p in g.predecessors(n))
 
 
 def _value_readers(g, n):

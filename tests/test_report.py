@@ -24,7 +24,7 @@ from torch import nn
 
 import autotp
 from autotp import graph as G
-from autotp.report import SCHEMA, validate
+from autotp.report import SCHEMA, plan_document, validate
 from distributed import run_ranks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -83,6 +83,18 @@ def test_plan_json_follows_its_schema_and_its_numbers_add_up(gpt2_dump):
     assert [b["same_as"] for b in doc["blocks"]] == [None] + ["transformer.h.0"] * (LAYERS - 1)
     assert all(b["collectives"] == {"forward": 2, "backward": 2} for b in doc["blocks"])  # Megatron: 2 per layer
     assert all(len(b["parameters"]) == 12 for b in doc["blocks"])
+
+
+def test_activation_bytes_of_an_mlp_counted_by_hand():
+    # x (4, 8) -> linear (4, 32) -> relu -> linear (4, 8), fp32, 2 ranks: each holds half the hidden (4, 16)
+    plan = autotp.plan(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)), 2,
+                       example_inputs=(torch.randn(4, 8),))
+    mem = plan_document(plan)["memory"]
+    x, y, hidden, hidden_local = 4 * 8 * 4, 4 * 8 * 4, 4 * 32 * 4, 4 * 16 * 4
+    assert mem["per_rank"][1]["activation_bytes"] == x + 2 * hidden_local + y
+    assert mem["per_rank"][1]["activation_peak_bytes"] == 2 * hidden_local  # relu's input and output; x is freed
+    assert mem["unsharded"]["activation_bytes"] == x + 2 * hidden + y
+    assert mem["unsharded"]["activation_peak_bytes"] == 2 * hidden
 
 
 def test_the_schema_check_finds_what_breaks_it(gpt2_dump):
