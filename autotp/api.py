@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .config import ShardConfig, resolve_config
-from .pipeline import Ranks, compile_model, join_ranks, plan_model
+from .pipeline import Ranks, compile_model, compiled, join_ranks, plan_model
 from .plan import Plan
 from .groups import check_inputs_once, check_same_inputs
 from .report import dump_if_asked
@@ -63,6 +63,9 @@ class ShardedModule(nn.Module):
         self.timings = timings
         self._inputs_checked = not config.check_inputs or ranks.world_size == 1
         self._inputs_flag = torch.zeros((), dtype=torch.int32)  # the compiled check's: 1 once checked
+        # what forward calls: the graph, or its torch.compile wrapper (ShardConfig.compile); a plain
+        # attribute, so parameter names stay the graph's own
+        object.__setattr__(self, "_run", compiled(graph_module, config, dynamic=config.dynamic or None))
 
     def train(self, mode: bool = True) -> "ShardedModule":
         """Set training mode (dropout on or off). The exported graph module refuses ``train()``
@@ -81,7 +84,7 @@ class ShardedModule(nn.Module):
             check_same_inputs(args, kwargs, self.group)
             self._inputs_checked = True
         try:
-            return self.module(*args, **kwargs)
+            return self._run(*args, **kwargs)
         except (RuntimeError, AssertionError) as e:  # export's shape guard raises either, by version
             if "Guard failed" not in str(e):
                 raise

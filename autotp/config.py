@@ -37,6 +37,10 @@ class ShardConfig:
             for same-host collectives, the process group's own timeout for c10d ones
             (torch's default is 30 minutes; a rank that *dies* is noticed at once by gloo).
             On NCCL ranks the process group's timeout always applies.
+        compile: ``torch.compile`` the lowered graphs (whole: the collectives are traceable ops,
+            ``autotp/traceable.py``) -- ``shard``'s module, and the generation steps of
+            ``shard_for_generation`` / ``from_pretrained`` / ``parallelize``, dynamic in batch
+            and length.  The first calls pay the compilation (reported in ``timings``).
         device: the device this rank runs on (``"cuda:1"``, ``torch.device("cuda", 1)``, ``"cpu"``).
             ``None``: ``cuda:{torch.cuda.current_device()}`` on NCCL ranks (torchrun's
             ``LOCAL_RANK``, set when autotp initialises the group), else where the model's
@@ -56,6 +60,7 @@ class ShardConfig:
     same_host_collectives: bool = False
     seed: int | None = None
     timeout_s: float | None = None
+    compile: bool = False
     device: object = None  # str | torch.device | None; kept as given, checked below
 
     def __post_init__(self):

@@ -36,7 +36,7 @@ from torch.export import Dim
 from .capture import CaptureError, export_graph
 from .config import ShardConfig, resolve_config
 from .patterns import get_attr, output_leaves
-from .pipeline import check_plans_agree, join_ranks, lower_graph, lowering_context, plan_graph
+from .pipeline import check_plans_agree, compiled, join_ranks, lower_graph, lowering_context, plan_graph
 from .groups import check_same_inputs
 
 __all__ = ["shard_for_generation", "plan_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
@@ -237,6 +237,9 @@ class GenerationSteps(nn.Module):
         self.num_layers = num_layers
         self.uses_positions = uses_positions
         self.timings = timings
+        # what forward calls: the graphs, or their torch.compile wrappers (ShardConfig.compile); plain
+        # attributes, so parameter names stay the graphs' own
+        object.__setattr__(self, "run", {"encoder": encoder, "prefill": prefill, "decode": decode})
 
 
 def _param_names(model: nn.Module, gm) -> dict[str, str]:
@@ -298,9 +301,12 @@ def build_steps(model: nn.Module, ranks, *, config: ShardConfig, load=None):
     lowered = {name: lower_graph(gm, lowering_context(p, ranks, config, load=load, shared=shared), config)
                for name, (gm, p) in graphs.items()}
     timings["lower_s"] = time.perf_counter() - t0  # with the reading of shards on load
-    return GenerationSteps(lowered.get("encoder"), lowered["prefill"], lowered["decode"],
-                           plans={name: p for name, (_, p) in graphs.items()}, cache_placements=cache_pl,
-                           num_layers=n, uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings)
+    steps = GenerationSteps(lowered.get("encoder"), lowered["prefill"], lowered["decode"],
+                            plans={name: p for name, (_, p) in graphs.items()}, cache_placements=cache_pl,
+                            num_layers=n, uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings)
+    for name, gm in lowered.items():
+        steps.run[name] = compiled(gm, config, dynamic=True)  # one compilation for every batch and length
+    return steps
 
 
 class ShardedForGeneration:
@@ -337,9 +343,9 @@ class ShardedForGeneration:
         self._check_inputs((input_ids, attention_mask, position_ids))
         n = steps.num_layers
         if cache.get_seq_length() == 0:
-            out = steps.prefill(input_ids, attention_mask, position_ids)
+            out = steps.run["prefill"](input_ids, attention_mask, position_ids)
         else:
-            out = steps.decode(input_ids, attention_mask, position_ids, tuple(_flat(cache)[: 2 * n]))
+            out = steps.run["decode"](input_ids, attention_mask, position_ids, tuple(_flat(cache)[: 2 * n]))
         _store(cache, out[1:], n, DynamicLayer)
         return CausalLMOutputWithPast(logits=out[0], cache=cache if use_cache else None)
 
@@ -353,10 +359,11 @@ class ShardedForGeneration:
 class _ShardedEncoder(nn.Module):
     """What ``get_encoder()`` returns: runs this rank's lowered encoder graph."""
 
-    def __init__(self, graph, owner):
+    def __init__(self, graph, owner, run=None):
         super().__init__()
         self.graph = graph
         self._owner = [owner]  # not a submodule: no cycle in .modules()
+        self._run = [run if run is not None else graph]  # the graph or its compiled wrapper
 
     def forward(self, input_ids=None, attention_mask=None, return_dict=True, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
@@ -366,7 +373,7 @@ class _ShardedEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._owner[0]._check_inputs((input_ids, attention_mask))
-        return BaseModelOutput(last_hidden_state=self.graph(input_ids, attention_mask))
+        return BaseModelOutput(last_hidden_state=self._run[0](input_ids, attention_mask))
 
 
 class ShardedSeq2SeqForGeneration(ShardedForGeneration):
@@ -396,13 +403,13 @@ class ShardedSeq2SeqForGeneration(ShardedForGeneration):
         self._check_inputs((decoder_input_ids, hidden, attention_mask))
         steps, n = self.autotp_steps, self.autotp_steps.num_layers
         if cache.self_attention_cache.get_seq_length() == 0:
-            out = steps.prefill(decoder_input_ids, hidden, attention_mask)
+            out = steps.run["prefill"](decoder_input_ids, hidden, attention_mask)
             _store(cache.cross_attention_cache, out[1 + 2 * n:], n, DynamicLayer)
             for i in range(n):
                 cache.is_updated[i] = True
         else:
             past = _flat(cache.self_attention_cache)[: 2 * n] + _flat(cache.cross_attention_cache)[: 2 * n]
-            out = steps.decode(decoder_input_ids, hidden, attention_mask, tuple(past))
+            out = steps.run["decode"](decoder_input_ids, hidden, attention_mask, tuple(past))
         _store(cache.self_attention_cache, out[1: 1 + 2 * n], n, DynamicLayer)
         return Seq2SeqLMOutput(logits=out[0], cache=cache if use_cache else None, encoder_last_hidden_state=hidden)
 
@@ -462,7 +469,7 @@ def shard_for_generation(model: nn.Module, world_size: int | None = None, *, gro
     shell.config = model.config
     shell.autotp_steps = steps
     if steps.encoder is not None:
-        shell.autotp_encoder = _ShardedEncoder(steps.encoder, shell)
+        shell.autotp_encoder = _ShardedEncoder(steps.encoder, shell, steps.run["encoder"])
     shell.autotp_group, shell.autotp_comm = ranks.group, ranks.comm
     shell.autotp_rank, shell.autotp_world_size = ranks.rank, ranks.world_size
     shell._autotp_checked = not config.check_inputs or ranks.world_size == 1

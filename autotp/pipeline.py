@@ -39,7 +39,7 @@ from .runtime import Communicator
 from .samehost import enable_same_host_collectives
 
 __all__ = ["Ranks", "join_ranks", "plan_graph", "check_plans_agree", "lower_graph", "lowering_context", "plan_model",
-           "compile_model", "run_device", "LOWERING"]
+           "compile_model", "compiled", "run_device", "LOWERING"]
 
 SAME_HOST_TIMEOUT_S = 60.0  # the same-host transport's wait when ShardConfig.timeout_s is None
 
@@ -128,6 +128,13 @@ def lower_graph(gm: GraphModule, ctx: P.LoweringContext, config: ShardConfig) ->
         gm = P.run_passes(gm, [P.checkpoint_blocks], ctx)
     drop_unused_attributes(gm)  # nothing the rank's graph no longer reads stays resident
     return gm
+
+
+def compiled(gm: GraphModule, config: ShardConfig, *, dynamic: bool | None = None) -> nn.Module:
+    """``gm`` under ``torch.compile(fullgraph=True)`` when ``config.compile``, else ``gm`` itself."""
+    if not config.compile:
+        return gm
+    return torch.compile(gm, fullgraph=True, dynamic=dynamic)
 
 
 def plan_model(model: nn.Module, world_size: int, config: ShardConfig, example_inputs: tuple,

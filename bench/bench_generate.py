@@ -51,6 +51,8 @@ def parse_args():
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--small", action="store_true", help="2 layers, hidden 128, 8 new tokens, 1 round")
+    p.add_argument("--compile", action="store_true",
+                   help="also time 'autotp shm+compile': ShardConfig(compile=True), the steps under torch.compile")
     a = p.parse_args()
     if a.small:
         a.layers, a.hidden, a.heads, a.kv_heads, a.intermediate, a.vocab = 2, 128, 4, 2, 256, 1000
@@ -84,6 +86,9 @@ def main():
     compile_s = time.perf_counter() - t0
     shm_group = dist.new_group(list(range(world)))
     peers["autotp shm"] = autotp.shard_for_generation(ref, world, group=shm_group, same_host_collectives=True)
+    if a.compile:
+        peers["autotp shm+compile"] = autotp.shard_for_generation(ref, world, group=shm_group,
+                                                                  same_host_collectives=True, compile=True)
     path = [tempfile.mkdtemp(prefix="bench_gen_") if rank == 0 else None]
     if rank == 0:
         ref.save_pretrained(path[0])
@@ -100,12 +105,15 @@ def main():
     dist.barrier()
 
     want, same = {}, {}
+    warm = {}
     with torch.no_grad():
-        for b, ids in inputs.items():  # warm-up and correctness
+        for b, ids in inputs.items():  # warm-up (compilation, for the compiled peer) and correctness
             want[b] = ref.generate(input_ids=ids, **kw)
             for name, m in peers.items():
                 same.setdefault(name, True)
+                t = time.perf_counter()
                 same[name] &= bool(torch.equal(m.generate(input_ids=ids, **kw), want[b]))
+                warm[name] = warm.get(name, 0.0) + time.perf_counter() - t
         times = {(n, b): [] for n in peers for b in inputs}
         names = list(peers)
         for r in range(a.rounds):
@@ -125,12 +133,15 @@ def main():
               f"{a.layers}x{a.hidden}, heads {a.heads} (KV {a.kv_heads}), MLP {a.intermediate}, vocab {a.vocab}; "
               f"prompt {a.prompt}, {a.new} new tokens, greedy, median of {a.rounds} rounds")
         print(f"autotp shard_for_generation: {compile_s:.1f} s (capture {peers['autotp'].autotp_steps.timings})")
+        if a.compile:
+            print(f"first generate calls (warm-up, all batches; the compiled peer compiles here): "
+                  f"autotp shm {warm['autotp shm']:.1f} s, autotp shm+compile {warm['autotp shm+compile']:.1f} s")
         if hf_error:
             print(f"HF tp_plan failed: {hf_error}")
-        print(f"{'peer':<14}" + "".join(f"{f'batch {b} tok/s':>18}" for b in inputs) + f"{'tokens = unsharded':>22}")
+        print(f"{'peer':<20}" + "".join(f"{f'batch {b} tok/s':>18}" for b in inputs) + f"{'tokens = unsharded':>22}")
         for n in peers:
-            print(f"{n:<14}" + "".join(f"{tps[(n, b)]:>18.1f}" for b in inputs) + f"{str(same[n]):>22}")
-        for mine in ("autotp", "autotp shm"):
+            print(f"{n:<20}" + "".join(f"{tps[(n, b)]:>18.1f}" for b in inputs) + f"{str(same[n]):>22}")
+        for mine in [n for n in peers if n.startswith("autotp")]:
             for n in peers:
                 if not n.startswith("autotp"):
                     ratios = "  ".join(f"batch {b}: {tps[(mine, b)] / tps[(n, b)]:.2f}x" for b in inputs)

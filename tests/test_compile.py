@@ -188,3 +188,29 @@ def _compiled_first_call_checks_inputs(rank: int, world: int) -> str:
 def test_a_compiled_first_call_still_checks_the_ranks_inputs():
     for message in run_ranks_once(_compiled_first_call_checks_inputs, 2):
         assert "ranks were given different inputs" in message and "args[0]" in message, message
+
+
+def _compiled_generation(rank: int, world: int) -> dict:
+    """``shard_for_generation(..., compile=True)``: the prefill and decode steps compiled (dynamic in
+    batch and cache length), token for token the unsharded model's -- greedy and beam search."""
+    import autotp
+
+    torch.manual_seed(0)
+    ref = _build("llama").eval()
+    lm = autotp.shard_for_generation(ref, world, compile=True)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, ref.config.vocab_size, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ids[mask == 0] = 0
+    out = {}
+    for mode, kw in {"greedy": dict(do_sample=False), "beam": dict(num_beams=4, do_sample=False)}.items():
+        kw = dict(kw, input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+        out[mode] = bool(torch.equal(lm.generate(**kw), ref.generate(**kw)))
+    out["compiled"] = type(lm.autotp_steps.run["decode"]).__name__
+    return out
+
+
+def test_compiled_generation_steps_are_token_exact():
+    for r in run_ranks_once(_compiled_generation, 2):
+        assert r == {"greedy": True, "beam": True, "compiled": "OptimizedModule"}, r
