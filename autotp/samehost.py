@@ -115,13 +115,41 @@ class SameHostComm:
             dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
             return x
         parts, seq = self._exchange(x)
-        out = parts[0].clone()
-        for p in parts[1:]:
+        # summed straight into x (its value is in the slots now), in rank order on every rank
+        out = x if x.is_contiguous() else torch.empty_like(x)
+        torch.add(parts[0], parts[1], out=out)
+        for p in parts[2:]:
             out += p
         self._flags[1, self.rank] = seq
         self.counts["all_reduce"] += 1
-        x.copy_(out)
+        if out is not x:
+            x.copy_(out)
         return x
+
+    def gather_into(self, x: torch.Tensor, dim: int, chunks: int, global_size: int) -> torch.Tensor | None:
+        """The rank-ordered all-gather of ``Shard(dim, chunks)`` pieces written straight into the global
+        layout (padding trimmed): one copy out of the shared slots, no list of parts and no ``cat``.
+        ``None`` when ``x`` does not fit a slot (the caller gathers through the process group)."""
+        if not self.fits(x):
+            return None
+        parts, seq = self._exchange(x)
+        shape = list(x.shape)
+        shape[dim] = global_size
+        out = x.new_empty(shape)
+        n = x.shape[dim]
+        if chunks == 1:
+            for r, p in enumerate(parts):
+                take = max(0, min(n, global_size - r * n))
+                if take:
+                    out.narrow(dim, r * n, take).copy_(p.narrow(dim, 0, take))
+        else:  # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
+            block = n // chunks
+            for r, p in enumerate(parts):
+                for c in range(chunks):
+                    out.narrow(dim, (c * self.world + r) * block, block).copy_(p.narrow(dim, c * block, block))
+        self._flags[1, self.rank] = seq
+        self.counts["all_gather"] += 1
+        return out
 
     def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``x``, in rank order (copies)."""

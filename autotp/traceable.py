@@ -55,6 +55,10 @@ def communicator(name: str):
 
 def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> torch.Tensor:
     """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout (padding trimmed)."""
+    if comm.same_host is not None:  # straight into the layout from shared memory
+        out = comm.same_host.gather_into(x, dim, chunks, global_size)
+        if out is not None:
+            return out
     parts = comm.all_gather(x)
     if chunks == 1:
         full = torch.cat(parts, dim=dim)

@@ -38,6 +38,33 @@ def _collectives(rank, world):
     return out
 
 
+def _gather_into(rank, world):
+    """``gather_into`` writes the global layout straight from the slots: equal to gloo's parts put
+    together (``traceable.gather``'s c10d path), for plain, padded and chunked shards, any dim."""
+    from autotp.runtime import Communicator
+    from autotp.samehost import SameHostComm
+    from autotp.traceable import gather
+
+    shm, plain = SameHostComm(slot_bytes=1 << 20), Communicator()
+    bad = []
+    for shape, dim, chunks, global_size in [((3, 5, 8), 2, 1, 8 * world), ((3, 5, 8), 2, 1, 8 * world - 5),
+                                            ((6, 4), 0, 3, 6 * world), ((2, 12, 3), 1, 2, 12 * world)]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(rank + 10 * dim))
+        want = gather(x, dim, chunks, global_size, plain)
+        got = shm.gather_into(x, dim, chunks, global_size)
+        if got is None or not torch.equal(got, want):
+            bad.append((shape, dim, chunks, global_size))
+    too_big = shm.gather_into(torch.zeros(1 << 19), 0, 1, world << 19)  # 2 MiB > the 1 MiB slot: the caller's
+    return bad, too_big is None, dict(shm.counts)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gather_into_the_global_layout(world):
+    for bad, refused, counts in run_ranks(_gather_into, world):
+        assert bad == [] and refused, bad
+        assert counts["all_gather"] == 4, counts
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_same_host_collectives_match_gloo(world):
     results = run_ranks(_collectives, world)
