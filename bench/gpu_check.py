@@ -35,13 +35,14 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _llama(hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int, dtype=torch.float32):
+def _llama(hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int, dtype=torch.float32,
+           head_dim: int | None = None):
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
                                    intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
-                                   max_position_embeddings=1024)
+                                   max_position_embeddings=1024, head_dim=head_dim or hidden // heads)
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -126,10 +127,11 @@ def _speed(rank: int, world: int, device: torch.device, sizes: dict, iters: int)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    half = dict(sizes, hidden=sizes["hidden"] // 2, heads=sizes["heads"] // 2, kv=max(1, sizes["kv"] // 2),
-                inter=sizes["inter"] // 2)
+    # one rank's compute at world size 2: half the heads (same head width), half the MLP and the vocab;
+    # the hidden width (the replicated residual stream) is not split
+    half = dict(sizes, heads=sizes["heads"] // 2, kv=max(1, sizes["kv"] // 2), inter=sizes["inter"] // 2,
+                vocab=sizes["vocab"] // 2, head_dim=sizes["hidden"] // sizes["heads"])
     ids = torch.randint(0, sizes["vocab"], (4, 128), generator=torch.Generator().manual_seed(3)).to(device)
-    prompt = ids[:1, :16]
     models = {"unsharded": _llama(**sizes, dtype=torch.bfloat16).to(device),
               "half width (one rank of 2)": _llama(**half, dtype=torch.bfloat16).to(device)}
     sharded = autotp.shard(_llama(**sizes, dtype=torch.bfloat16), world, example_inputs=(ids.cpu(),),
@@ -139,8 +141,9 @@ def _speed(rank: int, world: int, device: torch.device, sizes: dict, iters: int)
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         for name, fwd, lm in (("autotp", sharded, gen), *((n, m, m) for n, m in models.items())):
-            latency = median_s(lambda: fwd(ids, use_cache=False))
-            decode = median_s(lambda: lm.generate(prompt, **kw))
+            x = ids % lm.config.vocab_size  # the half-width model's vocab is half
+            latency = median_s(lambda: fwd(x, use_cache=False))
+            decode = median_s(lambda: lm.generate(x[:1, :16], **kw))
             rows[name] = {"forward_ms": latency * 1e3, "tokens_per_s": 32 / decode}
     return rows
 
