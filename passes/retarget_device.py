@@ -32,6 +32,16 @@ def retarget_device(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     if device is None:
         return PassResult(gm, False)
     modified = False
+    for sub in gm.modules():  # the graph and the subgraphs of its higher-order ops (autocast, no_grad regions)
+        if isinstance(sub, GraphModule) and sub is not gm:
+            if _retarget_constants(sub, device):
+                sub.recompile()
+                modified = True
+    return PassResult(gm, _retarget_constants(gm, device) or modified)
+
+
+def _retarget_constants(gm: GraphModule, device: torch.device) -> bool:
+    modified = False
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -63,4 +73,4 @@ def retarget_device(gm: GraphModule, ctx: LoweringContext) -> PassResult:
         else:
             setattr(owner, leaf, moved)
         modified = True
-    return PassResult(gm, modified)
+    return modified

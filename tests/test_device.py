@@ -39,8 +39,9 @@ BUILD = {"llama": _llama, "gpt2": _gpt2}
 
 
 def _device_constants(gm: GraphModule) -> list[tuple[str, torch.device]]:
-    return [(n.name, d) for n in gm.graph.nodes if n.op == "call_function"
-            for d in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(d, torch.device)]
+    """Every ``torch.device`` an op of ``gm`` or of one of its subgraphs (higher-order ops) is given."""
+    return [(n.name, d) for g in gm.modules() if isinstance(g, GraphModule) for n in g.graph.nodes
+            if n.op == "call_function" for d in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(d, torch.device)]
 
 
 def _tensors_off(gm, device) -> list[str]:
@@ -126,6 +127,32 @@ def test_positional_device_arguments_are_retargeted():
     gm.recompile()
     assert [d for _, d in _device_constants(gm) if d != torch.device("meta")] == []
     assert gm(torch.zeros(4, device="meta")).device.type == "meta"
+
+
+def test_device_constants_inside_higher_order_op_subgraphs_are_retargeted():
+    """A region under ``torch.autocast`` / ``torch.no_grad`` is captured as a higher-order op whose
+    body is a subgraph module: its constants move too."""
+    import autotp
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            with torch.autocast("cpu", enabled=False):
+                pos = torch.arange(x.shape[-1], device=x.device, dtype=torch.float32)
+            return self.down(torch.relu(self.up(x + pos)))
+
+    model, x = M(), torch.randn(2, 8)
+    from autotp.capture import capture
+
+    captured = capture(model, (x,))
+    subgraphs = [g for g in captured.modules() if isinstance(g, GraphModule) and g is not captured]
+    assert subgraphs and any(d == CPU for g in subgraphs for _, d in _device_constants(g))  # a case to retarget
+    sharded = autotp.shard(model, 1, example_inputs=(x,), device="meta")
+    assert [c for c in _device_constants(sharded.module) if c[1] != torch.device("meta")] == []
+    assert sharded(x.to("meta")).device.type == "meta"
 
 
 def test_bad_device_is_a_clear_error():
