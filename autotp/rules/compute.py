@@ -226,9 +226,11 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
         ins[x] = px
         ins[w] = Shard(w_in, px.chunks)
         if b is not None:
-            ins[b] = R
-            return Decision(R, ins, why="row-parallel (input sharded on the contracted dim); bias after all-reduce",
-                            role="row_bias")
+            # the bias joins the partial sum on rank 0 only, so the all-reduce can wait for a whole
+            # value to be needed (a parallel-residual block sums both branches first)
+            ins[b] = P
+            return Decision(P, ins, why="row-parallel (input sharded on the contracted dim); bias on rank 0",
+                            role="row")
         return Decision(P, ins, why="row-parallel (input sharded on the contracted dim)", role="row")
     if isinstance(px, Shard):
         ins = {x: px, w: R}
