@@ -32,8 +32,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from .patterns import (embedding_table, from_user_input, get_attr, is_tensor_node, linear_weight, output_leaves,
-                       output_node, param_of, tensor_inputs)
+from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
+                       output_leaves, output_node, param_of, tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
 from .rules.padding import ZERO
@@ -184,13 +184,14 @@ def find_linear_seeds(gm: GraphModule, *, world_size: int) -> list[Node]:
         y = linear(x, W[out, in], b)        # nn.Linear
         y = addmm(b, x, W[in, out])         # HF Conv1D (GPT-2)
         y = mm(x, t(W)) / matmul(x, W)
+        y = grouped_mm(x, W[E, in, out], offsets)  # every expert of a mixture
 
     The fixpoint keeps a candidate only if its shard flows to a row-parallel linear (or, for
     a vocab projection, to where the logits are needed whole).  Module names are never read.
     """
     seeds = []
     for node in gm.graph.nodes:
-        found = linear_weight(node)
+        found = linear_weight(node) or grouped_weight(node)  # a grouped matmul: every expert's linear
         if found is not None and found[1].meta["val"].shape[found[2]] >= world_size:
             seeds.append(node)
     return seeds
@@ -238,6 +239,7 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
     ctx.vocab_seeds = set(find_vocab_embeddings(gm, world_size=world_size))
     vocab_weights = {n.args[0].target for n in ctx.vocab_seeds}
     demoted: dict[Node, str] = {}
+    ctx_kept: dict[str, str] = {}
     bumps: dict[Node, int] = {}
     for _ in range(MAX_ROUNDS):
         tied = {n.args[0].target for n in ctx.vocab_seeds} & vocab_weights
@@ -262,8 +264,12 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
         lines = "\n".join(f"  {n.name}: {why}" for n, why in demoted.items())
         raise ValueError(f"strict=True and these layers cannot be sharded:\n{lines}")
 
+    for node in [n for n in demoted if grouped_weight(n) is not None]:  # named by their 3-D weight
+        demoted_why = demoted.pop(node)
+        if decisions[node].role is None:  # not row-parallel after all
+            ctx_kept[grouped_weight(node)[1].target] = demoted_why
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
-                        set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced))
+                        set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept)
     _record_redistributions(analysis)
     _explain_whole_weights(analysis)
     out = output_node(gm)
@@ -355,6 +361,8 @@ def _weight_users(w: Node) -> list[Node]:
     """The ops that read parameter ``w``, through the views that only reorder its dims."""
     out = []
     for u in w.users:
+        if u.target is torch.ops.aten._assert_tensor_metadata.default:
+            continue  # a metadata check reads nothing
         found = param_of(u) if u.op == "call_function" else None
         out += _weight_users(u) if found is not None and found[0] is w else [u]
     return out

@@ -10,6 +10,13 @@ issue at run time (``CommDebugMode``) are as many as the plan lists.
   sums and the replicated residual are added before one all-reduce, so a forward all-reduces
   once per layer, plus once for the vocab-parallel embedding -- Megatron issues two per layer.
 * ``sequential``: Llama (``x + attn``, then ``+ mlp``): two per layer, plus the embedding.
+* ``interleaved_rotary``: GPT-J, whose rotary embedding rotates pairs with ``stack`` + ``flatten``
+  (view-like ops on the heads' shard) -- and a parallel-residual block: one per layer.
+* ``fused_qkv_per_head``: Bloom, whose fused QKV is laid out ``[.., heads, 3, head_dim]`` and
+  picked apart with ``select``; ALiBi scores through ``baddbmm`` on local heads.
+* ``moe``: Mixtral, whose experts are 3-D weights (``gate_up_proj (E, 2I, H)``, ``down_proj
+  (E, H, I)``) run through a grouped matmul: column -> row inside every expert, the router
+  replicated; one all-reduce for the attention and one for the MoE per layer.
 """
 from __future__ import annotations
 
@@ -36,11 +43,25 @@ def _build(case: str):
         cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                                        num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB)
         return transformers.LlamaForCausalLM(cfg).eval()
+    if case == "interleaved_rotary":
+        cfg = transformers.GPTJConfig(n_embd=64, n_head=4, n_layer=LAYERS, n_inner=128, rotary_dim=8,
+                                      vocab_size=VOCAB, n_positions=64)
+        return transformers.GPTJForCausalLM(cfg).eval()
+    if case == "fused_qkv_per_head":
+        cfg = transformers.BloomConfig(hidden_size=64, n_head=4, n_layer=LAYERS, vocab_size=VOCAB)
+        return transformers.BloomForCausalLM(cfg).eval()
+    if case == "moe":
+        cfg = transformers.MixtralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                         num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB,
+                                         num_local_experts=4, num_experts_per_tok=2)
+        return transformers.MixtralForCausalLM(cfg).eval()
     raise KeyError(case)
 
 
 # case -> forward all-reduces per layer at the optimum (the vocab-parallel embedding adds one)
-CASES = {"parallel_residual": 1, "sequential": 2}
+CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2}
+# case -> the shape of the weight matrices that stay whole (the MoE router: experts x hidden)
+WHOLE = {"moe": (4, 64)}
 
 
 def _narrow(t, placement, world, rank):
@@ -79,8 +100,10 @@ def _check(case: str, world: int, rank: int) -> dict:
         "err": ((out - ref).abs().max() / max(1.0, ref.abs().max())).item(),
         "grad_err": grad_err,
         "share": plan.memory["param_bytes_per_rank"] / plan.memory["param_bytes_total"],
-        "whole_2d": sorted(n for n, p in plan.parameters.items()
-                           if len(p.global_shape) >= 2 and not isinstance(p.placement, autotp.Shard)),
+        "whole_2d": sorted(p.global_shape for n, p in plan.parameters.items()  # weights, not buffers (rotary tables)
+                           if n in params and len(p.global_shape) >= 2 and not isinstance(p.placement, autotp.Shard)),
+        "whole_explained": all(n in plan.replicated for n, p in plan.parameters.items()
+                               if len(p.global_shape) >= 2 and not isinstance(p.placement, autotp.Shard)),
         "planned": {ph: len([c for c in plan.collectives if c.phase == ph]) for ph in ("forward", "backward")},
         "ran": {"forward": _counted(fwd), "backward": _counted(bwd)},
         "all_reduces": plan.counts("forward").get("all_reduce", 0),
@@ -98,7 +121,9 @@ def test_class(case, world):
         r = per_rank[case]
         assert r["err"] <= 1e-5, (rank, r)
         assert r["grad_err"] <= 1e-5, (rank, r)
-        assert r["whole_2d"] == [], (rank, r)  # every weight matrix sharded
+        # every weight matrix sharded but the router's, which is listed with its reason
+        assert r["whole_2d"] == [WHOLE[case]] * LAYERS if case in WHOLE else r["whole_2d"] == [], (rank, r)
+        assert r["whole_explained"], (rank, r)
         assert r["share"] <= 1 / world + 0.1, (rank, r)
         assert r["ran"] == r["planned"], (rank, r)  # the plan lists what runs, forward and backward
         assert r["all_reduces"] == CASES[case] * LAYERS + 1, (rank, r)
