@@ -31,6 +31,9 @@ def rule_reduce(ctx: Ctx, node: Node) -> Decision:
         is_sum = node.target.overloadpacket == aten.sum
         if is_sum and not ctx.padded(x, p):
             return Decision(P, {x: p}, why="sum over the sharded dim: partial sum")
+        if not ctx.padded(x, p):  # each rank's mean / world (``passes/scale_partial_means``)
+            return Decision(P, {x: p}, why="mean over the sharded dim: partial sum of local means / world",
+                            local_args={"partial_scale": ctx.world_size})
         raise Unsupported(f"{'sum' if is_sum else 'mean'} over the sharded dim"
                           + (f" of an uneven shard ({ctx.padding_of(x, p)})" if is_sum else ""))
     d = p.dim if keep else p.dim - sum(1 for a in dims if a < p.dim)
