@@ -14,6 +14,9 @@ issue at run time (``CommDebugMode``) are as many as the plan lists.
   (view-like ops on the heads' shard) -- and a parallel-residual block: one per layer.
 * ``fused_qkv_per_head``: Bloom, whose fused QKV is laid out ``[.., heads, 3, head_dim]`` and
   picked apart with ``select``; ALiBi scores through ``baddbmm`` on local heads.
+* ``weight_transposed``: Falcon, whose linears are written ``x @ W.T`` (``FalconLinear``), seeded
+  like ``nn.Linear`` from the matmul's math (a sequential block here: Falcon's parallel one writes
+  its branch sum in place, ``add_``, which no rule keeps partial yet).
 * ``moe``: Mixtral, whose experts are 3-D weights (``gate_up_proj (E, 2I, H)``, ``down_proj
   (E, H, I)``) run through a grouped matmul: column -> row inside every expert, the router
   replicated; one all-reduce for the attention and one for the MoE per layer.
@@ -50,6 +53,11 @@ def _build(case: str):
     if case == "fused_qkv_per_head":
         cfg = transformers.BloomConfig(hidden_size=64, n_head=4, n_layer=LAYERS, vocab_size=VOCAB)
         return transformers.BloomForCausalLM(cfg).eval()
+    if case == "weight_transposed":
+        cfg = transformers.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=LAYERS,
+                                        vocab_size=VOCAB, bias=True, new_decoder_architecture=False,
+                                        multi_query=False, parallel_attn=False)
+        return transformers.FalconForCausalLM(cfg).eval()
     if case == "moe":
         cfg = transformers.MixtralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                                          num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB,
@@ -59,7 +67,8 @@ def _build(case: str):
 
 
 # case -> forward all-reduces per layer at the optimum (the vocab-parallel embedding adds one)
-CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2}
+CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2,
+         "weight_transposed": 2}
 # case -> the shape of the weight matrices that stay whole (the MoE router: experts x hidden)
 WHOLE = {"moe": (4, 64)}
 
