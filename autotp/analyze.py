@@ -32,8 +32,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from .patterns import (embedding_table, from_user_input, get_attr, is_tensor_node, linear_weight, output_leaves,
-                       output_node, param_of, tensor_inputs)
+from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
+                       output_leaves, output_node, param_of, tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
 from .rules.padding import ZERO
@@ -78,6 +78,7 @@ class Analysis:
     needs_grad: set[Node] = field(default_factory=set)
     output_placements: list = field(default_factory=list)  # each flat output as returned
     kept_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why it is held whole though sliced
+    reduced: set[Node] = field(default_factory=set)  # partial sums all-reduced once, at their source (forks)
 
 
 def _is_floating(node: Node) -> bool:
@@ -183,13 +184,14 @@ def find_linear_seeds(gm: GraphModule, *, world_size: int) -> list[Node]:
         y = linear(x, W[out, in], b)        # nn.Linear
         y = addmm(b, x, W[in, out])         # HF Conv1D (GPT-2)
         y = mm(x, t(W)) / matmul(x, W)
+        y = grouped_mm(x, W[E, in, out], offsets)  # every expert of a mixture
 
     The fixpoint keeps a candidate only if its shard flows to a row-parallel linear (or, for
     a vocab projection, to where the logits are needed whole).  Module names are never read.
     """
     seeds = []
     for node in gm.graph.nodes:
-        found = linear_weight(node)
+        found = linear_weight(node) or grouped_weight(node)  # a grouped matmul: every expert's linear
         if found is not None and found[1].meta["val"].shape[found[2]] >= world_size:
             seeds.append(node)
     return seeds
@@ -237,6 +239,7 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
     ctx.vocab_seeds = set(find_vocab_embeddings(gm, world_size=world_size))
     vocab_weights = {n.args[0].target for n in ctx.vocab_seeds}
     demoted: dict[Node, str] = {}
+    ctx_kept: dict[str, str] = {}
     bumps: dict[Node, int] = {}
     for _ in range(MAX_ROUNDS):
         tied = {n.args[0].target for n in ctx.vocab_seeds} & vocab_weights
@@ -261,9 +264,14 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
         lines = "\n".join(f"  {n.name}: {why}" for n, why in demoted.items())
         raise ValueError(f"strict=True and these layers cannot be sharded:\n{lines}")
 
+    for node in [n for n in demoted if grouped_weight(n) is not None]:  # named by their 3-D weight
+        demoted_why = demoted.pop(node)
+        if decisions[node].role is None:  # not row-parallel after all
+            ctx_kept[grouped_weight(node)[1].target] = demoted_why
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
-                        set(ctx.vocab_seeds), demoted)
+                        set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept)
     _record_redistributions(analysis)
+    _explain_whole_weights(analysis)
     out = output_node(gm)
     analysis.output_placements = [
         None if not is_tensor_node(x) else _as_returned(decisions[out].inputs.get(x, analysis.placements.get(x)))
@@ -302,6 +310,12 @@ def _record_redistributions(a: Analysis) -> None:
             found = param_of(x)
             if found is not None:
                 base, perm = found
+                if isinstance(req, Partial):
+                    # a whole parameter joining a partial sum on rank 0 (a row bias): its gradient is
+                    # the replicated gradient of the sum, so no ``copy`` (whose backward all-reduces)
+                    a.redistributions.append(Redistribution(x, node, R, req, "to_partial"))
+                    requests.setdefault(base, []).append((node, x, R, R, False))
+                    continue
                 base_req = Shard(perm[req.dim], req.chunks) if isinstance(req, Shard) else R
                 requests.setdefault(base, []).append((node, x, base_req, req, out_sharded))
                 continue
@@ -328,10 +342,58 @@ def _record_redistributions(a: Analysis) -> None:
 
 def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_sharded: bool) -> None:
     if isinstance(act, Partial) and isinstance(req, Partial):
-        return  # a partial sum read as one (add of partial sums)
-    chain = redistribution_chain(act, req)
+        if x not in a.reduced:
+            return  # a partial sum read as one (add of partial sums)
+        # A fork's partial sum is all-reduced once at its source (in place, its one reader): the
+        # other branches read the reduced value, rank 0 adding it to their sums.
+        act = Replicate()
+        chain = [("all_reduce", Partial(), act)] + redistribution_chain(act, req)
+    else:
+        chain = redistribution_chain(act, req)
     if not chain and req == R and out_sharded and _is_floating(x):
         chain = [("copy", R, R)]  # a replicated value enters sharded compute: its gradient is partial
     for kind, frm, to in chain:
         assert kind in REDISTRIBUTIONS, kind
         a.redistributions.append(Redistribution(x, node, frm, to, kind))
+
+
+def _weight_users(w: Node) -> list[Node]:
+    """The ops that read parameter ``w``, through the views that only reorder its dims."""
+    out = []
+    for u in w.users:
+        if u.target is torch.ops.aten._assert_tensor_metadata.default:
+            continue  # a metadata check reads nothing
+        found = param_of(u) if u.op == "call_function" else None
+        out += _weight_users(u) if found is not None and found[0] is w else [u]
+    return out
+
+
+def _explain_whole_weights(a: Analysis) -> None:
+    """Give every weight of two or more dims that stays whole a reason in ``kept_whole`` (and so in
+    ``plan.replicated``), unless a demoted seed already explains it: a reader learns what was not
+    sharded, sharded exactly or not, without diffing parameter lists."""
+    explained = set(a.kept_whole)
+    for node in a.demoted:
+        found = linear_weight(node)
+        w = found[1] if found else (node.args[0] if node.args else None)
+        if isinstance(w, Node):
+            explained.add(w.target)
+    for w in a.graph_module.graph.nodes:
+        val = w.meta.get("val")
+        if (w.op != "get_attr" or not isinstance(val, torch.Tensor) or val.dim() < 2 or w.target in explained
+                or isinstance(a.param_placements.get(w.target), Shard)):
+            continue
+        why = []
+        for u in _weight_users(w):
+            found = linear_weight(u)
+            if found is not None and found[1] is w:
+                n_out = val.shape[found[2]]
+                why.append(f"a linear with {n_out} output features, fewer than world_size ({a.world_size})"
+                           if n_out < a.world_size else f"a linear ({u.name}) whose input and output stay whole")
+            elif embedding_table(u) is w:
+                why.append(f"an embedding lookup ({u.name}) not split by vocab (ids computed, not the user's, or "
+                           "a table smaller than the vocabulary's)")
+            else:
+                why.append(f"read whole by {getattr(u.target, '__name__', u.target)} ({u.name}): no rule shards "
+                           "a weight read this way")
+        a.kept_whole[w.target] = "; ".join(dict.fromkeys(why)) or "not read by the captured graph"

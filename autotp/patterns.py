@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 aten = torch.ops.aten
 
 __all__ = ["is_tensor_node", "tensor_inputs", "param_of", "get_attr", "LinearSig", "LINEAR_OPS", "linear_weight",
+           "GROUPED_OPS", "op_name", "grouped_weight",
            "linear_bias", "embedding_table", "from_user_input", "output_node", "output_leaves", "block_of", "size_hint", "op_arg"]
 
 
@@ -125,6 +126,34 @@ def linear_weight(node: Node) -> tuple[LinearSig, Node, int, int] | None:
         return None
     out_dim = perm[sig.w_out_dim]
     return sig, w, out_dim, 1 - out_dim
+
+
+def op_name(node: Node) -> str | None:
+    """The qualified name of the op ``node`` calls (``aten::linear``), or ``None``."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema.name if schema is not None else None
+
+
+# Matches grouped (per-expert) matmuls: the rows of group e times W[e], W as the op sees it
+# (groups, in, out); the groups' row offsets come as a third operand.  Mixture-of-experts layers
+# written with transformers' experts integration run their 3-D expert weights through these.
+GROUPED_OPS = {
+    "transformers::grouped_mm_fallback": LinearSig(x=0, w=1, bias=None, w_out_dim=2),
+    "aten::_grouped_mm": LinearSig(x=0, w=1, bias=None, w_out_dim=2),
+}
+
+
+def grouped_weight(node: Node) -> tuple[LinearSig, Node, int, int] | None:
+    """``(sig, weight get_attr, param out dim, param in dim)`` if ``node`` is a grouped matmul with
+    a 3-D parameter weight (possibly through ``transpose``)."""
+    sig = GROUPED_OPS.get(op_name(node))
+    if sig is None or len(node.args) <= sig.w:
+        return None
+    found = param_of(node.args[sig.w])
+    if found is None or len(found[1]) != 3:
+        return None
+    w, perm = found
+    return sig, w, perm[2], perm[1]
 
 
 def linear_bias(node: Node, sig: LinearSig) -> Node | None:

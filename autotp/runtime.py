@@ -9,6 +9,7 @@ module             forward                    backward
 ``CopyToRegion``   identity                   all-reduce of the gradient
 ``AllGather``      all-gather (S -> R)        take the local slice
 ``LocalSlice``     take the local slice       all-gather of the gradient
+``OneRankShare``   rank 0 keeps, others 0     identity (R -> P, no collective)
 =================  =========================  ===============================
 
 Each takes an explicit ``Communicator`` (the process group, and the same-host
@@ -43,7 +44,7 @@ from .traceable import seeded as _seeded
 from .traceable import slice_op
 
 __all__ = [
-    "Communicator", "CollectiveError", "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "VocabParallelEmbedding", "TPDropout",
+    "Communicator", "CollectiveError", "AllReduce", "CopyToRegion", "AllGather", "LocalSlice", "OneRankShare", "VocabParallelEmbedding", "TPDropout",
     "TPAttention", "ColumnLinear", "RedistributionKind", "REDISTRIBUTIONS", "redistribution_chain",
 ]
 
@@ -306,6 +307,34 @@ class LocalSlice(_Collective):
         return f"dim={self.dim}, chunks={self.chunks}"
 
 
+class _ZeroForwardFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class OneRankShare(_Collective):
+    """forward: ``x`` on rank 0, zeros on the others; backward: identity.  No communication.
+
+    Turns a replicated value into a partial sum (R -> P) so that it can join one: ``P + R``
+    stays a partial sum when rank 0 alone adds ``R``, and the all-reduce waits until a whole
+    value is needed (a parallel-residual block reduces once, not once per branch).  The
+    logical value is ``x`` (``sum_r x * [r == 0]``), so its gradient is the replicated
+    gradient of the sum, unchanged on every rank.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1 or self.comm.rank == 0:
+            return x
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _ZeroForwardFn.apply(x)
+        return torch.zeros_like(x)
+
+
 @dataclass(frozen=True)
 class RedistributionKind:
     """One row of the redistribution table: a placement change and how it runs.
@@ -332,6 +361,8 @@ REDISTRIBUTIONS: dict[str, RedistributionKind] = {k.name: k for k in (
                        lambda frm, to, size, comm: LocalSlice(to.dim, to.chunks, comm)),
     RedistributionKind("copy", "R -> R (into sharded compute)", None, "all_reduce",
                        lambda frm, to, size, comm: CopyToRegion(comm)),
+    RedistributionKind("to_partial", "R -> P (rank 0 adds it)", None, None,
+                       lambda frm, to, size, comm: OneRankShare(comm)),
 )}
 
 
@@ -339,8 +370,9 @@ def redistribution_chain(frm: Placement, to: Placement) -> list[tuple[str, Place
     """The kinds, in order, that take a value from ``frm`` to ``to``: ``[(kind, from, to), ...]``.
 
     ``P -> S`` is an all-reduce then a local slice; ``S -> S'`` (another layout) an all-gather
-    then a slice.  ``R -> R`` is empty (a ``copy`` is asked for where a replicated value enters
-    sharded compute, not implied by the placements).
+    then a slice; ``R -> P`` keeps the value on rank 0 only (``OneRankShare``).  ``R -> R`` is
+    empty (a ``copy`` is asked for where a replicated value enters sharded compute, not implied
+    by the placements).
     """
     r = Replicate()
     if frm == to:
@@ -357,6 +389,8 @@ def redistribution_chain(frm: Placement, to: Placement) -> list[tuple[str, Place
         return head + [("slice", r, to)]
     if isinstance(to, Replicate):
         return head
+    if isinstance(to, Partial):
+        return head + [("to_partial", r, to)]
     raise AssertionError(f"no redistribution from {frm} to {to}")
 
 

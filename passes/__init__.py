@@ -21,10 +21,11 @@ from .lower_row_bias import lower_row_bias
 from .lower_vocab_cross_entropy import lower_vocab_cross_entropy
 from .lower_vocab_embedding import lower_vocab_embedding
 from .retarget_device import retarget_device
+from .scale_partial_means import scale_partial_means
 from .shard_parameters import shard_parameters
 
 __all__ = [
     "LoweringContext", "PassError", "PassResult", "run_passes", "drop_metadata_asserts", "insert_redistributions",
     "localize_shapes", "lower_row_bias", "lower_vocab_embedding", "lower_vocab_cross_entropy", "lower_dropout",
-    "checkpoint_blocks", "fuse_column_backward", "shard_parameters", "retarget_device",
+    "checkpoint_blocks", "fuse_column_backward", "shard_parameters", "retarget_device", "scale_partial_means",
 ]

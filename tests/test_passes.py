@@ -64,7 +64,7 @@ def test_mlp_plan_column_then_row():
     assert data["collectives"][0] == {"op": "all_reduce", "reduce": "sum", "phase": "forward", "kind": "all_reduce",
                                       "change": "P -> R", "shape": [4, 16], "local_shape": [4, 16],
                                       "dtype": "float32", "bytes": 4 * 16 * 4, "at": data["collectives"][0]["at"],
-                                      "consumers": [], "why": "P -> R (row-parallel output, before its bias)"}
+                                      "consumers": ["output"], "why": "P -> R"}  # the bias joined on rank 0
     # two 64x16 weights and a 64 bias sharded over 2 ranks, plus the replicated 16 bias; fp32
     assert data["memory"]["param_bytes_per_rank"] == 4 * ((2 * 64 * 16 + 64) // 2 + 16)
     assert data["memory"]["param_bytes_total"] == 4 * (2 * 64 * 16 + 64 + 16)

@@ -26,13 +26,14 @@ from typing import Any, Callable
 import torch
 from torch.fx import Node
 
+from ..patterns import GROUPED_OPS, op_name
 from .base import PARTIAL_LINEAR, Ctx, Decision, Unsupported, rule_pointwise, rule_replicated
 from .compute import (REDUCTIONS, SCANS, rule_cross_entropy, rule_embedding, rule_ignore, rule_layer_norm,
-                      rule_linear, rule_matmul, rule_native_dropout, rule_reduce, rule_reduction, rule_scan,
+                      rule_linear, rule_matmul, rule_baddbmm, rule_grouped_mm, rule_native_dropout, rule_reduce, rule_reduction, rule_scan,
                       rule_sdpa, rule_softmax, rule_sym_size)
 from .views import (_dim_map_rule, _permute_dim, _squeeze_dim, _t_dim, _transpose_dim, _unsqueeze_dim,
-                    reshape_shard, rule_cat, rule_expand, rule_flatten, rule_getitem, rule_slice, rule_split,
-                    rule_view)
+                    reshape_shard, rule_cat, rule_expand, rule_flatten, rule_getitem, rule_select, rule_slice,
+                    rule_split, rule_stack, rule_unbind, rule_view, rule_view_as)
 
 __all__ = ["Ctx", "Decision", "Unsupported", "RULES", "POINTWISE", "PARTIAL_LINEAR", "rule_for", "reshape_shard"]
 
@@ -64,7 +65,8 @@ RULES.update({
     aten.squeeze: _dim_map_rule(_squeeze_dim),
     aten.slice: rule_slice,
     aten.split: rule_split, aten.split_with_sizes: rule_split, aten.chunk: rule_split,
-    aten.cat: rule_cat,
+    aten.cat: rule_cat, aten.stack: rule_stack,
+    aten.select: rule_select, aten.unbind: rule_unbind, aten.view_as: rule_view_as, aten.reshape_as: rule_view_as,
     aten.sum: rule_reduce, aten.mean: rule_reduce,
     **{op: rule_reduction for op in REDUCTIONS}, **{op: rule_scan for op in SCANS},
     aten.native_dropout: rule_native_dropout,
@@ -72,7 +74,7 @@ RULES.update({
     aten._log_softmax: rule_softmax,
     aten.layer_norm: rule_layer_norm,
     aten.scaled_dot_product_attention: rule_sdpa,
-    aten.bmm: rule_matmul,
+    aten.bmm: rule_matmul, aten.baddbmm: rule_baddbmm,
     aten.linear: rule_linear, aten.addmm: rule_linear, aten.mm: rule_linear, aten.matmul: rule_linear,
     aten.embedding: rule_embedding,
     aten.cross_entropy_loss: rule_cross_entropy,
@@ -83,6 +85,13 @@ RULES.update({
 })
 
 
+# Matches ops of other libraries by qualified name (their packets exist only once those load).
+RULES_BY_NAME: dict[str, Callable[[Ctx, Node], Decision]] = {name: rule_grouped_mm for name in GROUPED_OPS}
+
+
 def rule_for(node: Node) -> Callable[[Ctx, Node], Decision]:
     key = getattr(node.target, "overloadpacket", node.target)
-    return RULES.get(key, rule_replicated)
+    rule = RULES.get(key)
+    if rule is None:
+        rule = RULES_BY_NAME.get(op_name(node), rule_replicated)
+    return rule

@@ -102,21 +102,28 @@ def rule_replicated(ctx: Ctx, node: Node) -> Decision:
 # --------------------------------------------------------------------------- pointwise
 
 # Matches pointwise ops through which a partial sum stays a partial sum, with how many leading
-# operands must all be partial sums: add and sub (a sum of partial sums) and copies.
+# tensor operands they sum: add and sub (a replicated operand joins on rank 0) and copies.
 # Deliberately not mul-by-replicated or casts: those are linear too, but delaying the
 # all-reduce past them only moves it, and a value that then forks (RMSNorm's
 # ``x * rsqrt(mean(x^2))``) would be reduced twice.
-PARTIAL_LINEAR = {aten.add: 2, aten.sub: 2, aten.alias: 1, aten.clone: 1, aten.contiguous: 1}
+# Dropout too: a partial sum is not sharded, so every rank draws the same mask from the shared
+# generator (``passes/lower_dropout.py``), and ``sum_r m * p_r = m * sum_r p_r``.
+PARTIAL_LINEAR = {aten.add: 2, aten.sub: 2, aten.alias: 1, aten.clone: 1, aten.contiguous: 1, aten.dropout: 1}
 
 
 def _partial_ok(node: Node, parts: list[Node], tins: list[Node]) -> bool:
-    """Is ``node`` linear in partial sums only?  ``P + 1.0`` is not: every rank would add the
-    constant to its partial sum, and the all-reduce would count it world-size times."""
+    """Is ``node`` a sum (or copy) of tensors, at least one of them a partial sum?
+
+    Then the result is a partial sum too: ``P + P -> P``, and ``P + R -> P`` where rank 0
+    alone adds the replicated operand (the analysis asks for it as ``P``: ``OneRankShare``).
+    ``P + 1.0`` is not: every rank would add the number to its partial sum, and the
+    all-reduce would count it world-size times."""
     n = PARTIAL_LINEAR.get(getattr(node.target, "overloadpacket", None))
-    if n is None or len(parts) != len(tins):
+    if n is None:
         return False
     operands = list(node.args[:n]) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
-    return len(operands) == n and all(isinstance(a, Node) and a in parts for a in operands)
+    return (len(operands) == n and all(isinstance(a, Node) and a in tins for a in operands)
+            and set(operands) == set(tins))
 
 
 def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
@@ -124,8 +131,8 @@ def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
 
     S(d) op S(d) -> S(d) (same chunks); S(d) op R -> S(d), slicing R locally when it
     is full-size along d (free) and passing it through when it broadcasts there.
-    P op P -> P for add/sub and copies; anything else with a P input (P + 1.0, P + R,
-    P * P, P / R, relu(P) ...) all-reduces it first.  On a padded shard the op must keep
+    P op P -> P and P op R -> P (R added on rank 0 only) for add/sub, and copies; anything
+    else with a P input (P + 1.0, P * P, P / R, relu(P) ...) all-reduces it first.  On a padded shard the op must keep
     the padding finite (``rules.padding``), or the rule refuses.
     """
     tins = tensor_inputs(node)
@@ -135,7 +142,8 @@ def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
     parts = [x for x, p in pls.items() if isinstance(p, Partial)]
     if not shards and parts:
         if _partial_ok(node, parts, tins):
-            return Decision(P, {x: (P if x in parts else R) for x in tins}, why="linear in a partial sum")
+            joins = "" if len(parts) == len(tins) else "; replicated operand added on rank 0 only"
+            return Decision(P, {x: P for x in tins}, why="sum of partial sums" + joins)
         return Decision(R, {x: R for x in tins}, why="needs the full value: all-reduce")
     if not shards:
         return Decision(R, {x: R for x in tins}, why="replicated")

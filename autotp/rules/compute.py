@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..patterns import linear_bias, linear_weight, op_arg, param_of, tensor_inputs
+from ..patterns import grouped_weight, linear_bias, linear_weight, op_arg, param_of, tensor_inputs
 from ..placements import Partial, Placement, Shard
 
 from .base import P, R, Ctx, Decision, Unsupported, _norm, rule_pointwise, rule_replicated
@@ -31,6 +31,9 @@ def rule_reduce(ctx: Ctx, node: Node) -> Decision:
         is_sum = node.target.overloadpacket == aten.sum
         if is_sum and not ctx.padded(x, p):
             return Decision(P, {x: p}, why="sum over the sharded dim: partial sum")
+        if not ctx.padded(x, p):  # each rank's mean / world (``passes/scale_partial_means``)
+            return Decision(P, {x: p}, why="mean over the sharded dim: partial sum of local means / world",
+                            local_args={"partial_scale": ctx.world_size})
         raise Unsupported(f"{'sum' if is_sum else 'mean'} over the sharded dim"
                           + (f" of an uneven shard ({ctx.padding_of(x, p)})" if is_sum else ""))
     d = p.dim if keep else p.dim - sum(1 for a in dims if a < p.dim)
@@ -204,6 +207,32 @@ def rule_matmul(ctx: Ctx, node: Node) -> Decision:
     return Decision(out_pl, ins, why="batched matmul on a sharded batch dim")
 
 
+def rule_baddbmm(ctx: Ctx, node: Node) -> Decision:
+    """baddbmm(input, b1, b2, beta, alpha) = beta * input + alpha * (b1 @ b2) (Bloom's ALiBi scores):
+    the batched matmul's rule, ``input`` then laid out like the product (sliced where full-size)."""
+    inp, b1, b2 = node.args[:3]
+    if isinstance(ctx.pl(inp), Shard) or isinstance(ctx.pl(inp), Partial):
+        raise Unsupported("baddbmm with a sharded or partial added input", culprits=[inp])
+    mm = rule_matmul(ctx, _Args(node, (b1, b2)))
+    if isinstance(mm.out, Partial):
+        raise Unsupported("baddbmm contracting a sharded dim (its added input would count once per rank)")
+    ins = dict(mm.inputs)
+    if isinstance(mm.out, Shard):
+        shp = ctx.shape(inp)
+        d = mm.out.dim - (len(ctx.shape(node)) - len(shp))
+        ins[inp] = Shard(d, mm.out.chunks) if d >= 0 and shp[d] != 1 else R
+    else:
+        ins[inp] = R
+    return Decision(mm.out, ins, why=mm.why)
+
+
+class _Args:
+    """A view of ``node`` with other leading arguments (to reuse a rule on a part of an op)."""
+
+    def __init__(self, node: Node, args: tuple):
+        self.args, self.kwargs, self.target, self.meta = args, {}, node.target, node.meta
+
+
 # --------------------------------------------------------------------------- linear / embedding
 
 def rule_linear(ctx: Ctx, node: Node) -> Decision:
@@ -226,9 +255,11 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
         ins[x] = px
         ins[w] = Shard(w_in, px.chunks)
         if b is not None:
-            ins[b] = R
-            return Decision(R, ins, why="row-parallel (input sharded on the contracted dim); bias after all-reduce",
-                            role="row_bias")
+            # the bias joins the partial sum on rank 0 only, so the all-reduce can wait for a whole
+            # value to be needed (a parallel-residual block sums both branches first)
+            ins[b] = P
+            return Decision(P, ins, why="row-parallel (input sharded on the contracted dim); bias on rank 0",
+                            role="row")
         return Decision(P, ins, why="row-parallel (input sharded on the contracted dim)", role="row")
     if isinstance(px, Shard):
         ins = {x: px, w: R}
@@ -246,6 +277,37 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
     if b is not None:
         ins[b] = R
     return Decision(R, ins, why="replicated linear")
+
+
+def rule_grouped_mm(ctx: Ctx, node: Node) -> Decision:
+    """Grouped matmul ``y[rows of e] = x[rows of e] @ W[e]`` (a mixture of experts, W: (E, in, out)):
+    Megatron's column -> row inside every expert.  Column: each rank holds a block of every
+    expert's output features; row: a block of every expert's contracted dim, giving a partial
+    sum.  The router and the row offsets stay replicated; rows cannot be split (they are grouped)."""
+    found = grouped_weight(node)
+    if found is None:
+        return rule_replicated(ctx, node)
+    sig, w, w_out, w_in = found
+    x = node.args[sig.x]
+    nd = len(ctx.shape(x))
+    px = ctx.pl(x)
+    ins: dict[Node, Placement] = {a: R for a in tensor_inputs(node) if a is not x and a is not node.args[sig.w]}
+    if isinstance(px, Shard) and px.dim == nd - 1:
+        if ctx.padded(x, px) and ctx.pad_of(x) != ZERO:
+            raise Unsupported(f"the padding of an uneven shard ({ctx.padding_of(x, px)}) is {NAMES[ctx.pad_of(x)]}, "
+                              "not zero, where it enters a row-parallel grouped matmul", culprits=[x])
+        ins.update({x: px, w: Shard(w_in, px.chunks)})
+        return Decision(P, ins, why="row-parallel in every expert (contracted dim sharded)", role="row")
+    if isinstance(px, Shard):
+        raise Unsupported("grouped matmul on an input sharded on its rows")
+    chunks = ctx.column_seeds.get(node)
+    ins[x] = R
+    if chunks is not None:
+        ins[w] = Shard(w_out, chunks)
+        return Decision(Shard(len(ctx.shape(node)) - 1, chunks), ins,
+                        why="column-parallel in every expert (output features split)", role="column")
+    ins[w] = R
+    return Decision(R, ins, why="replicated grouped matmul")
 
 
 def rule_embedding(ctx: Ctx, node: Node) -> Decision:

@@ -217,3 +217,74 @@ def rule_cat(ctx: Ctx, node: Node) -> Decision:
         ins[x] = p if x in shards else (Shard(p.dim, p.chunks) if ctx.shape(x)[p.dim] != 1 else R)
     return Decision(p, ins, why="cat along an unsharded dim")
 
+
+
+def rule_stack(ctx: Ctx, node: Node) -> Decision:
+    """stack(xs, dim): equal shapes, a new dim inserted; the shard moves past it (GPT-J's
+    interleaved rotary stacks the two halves of each rotated pair along a new last dim)."""
+    xs = list(node.args[0])
+    out_nd = len(ctx.shape(node))
+    dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
+    pls = {x: ctx.pl(x) for x in xs}
+    if all(isinstance(p, Partial) for p in pls.values()):
+        return Decision(P, {x: P for x in xs}, why="stack of partial sums")
+    shards = {x: p for x, p in pls.items() if isinstance(p, Shard)}
+    if not shards:
+        return Decision(R, {x: R for x in xs}, why="replicated")
+    if len(set(shards.values())) != 1 or any(isinstance(p, Partial) for p in pls.values()):
+        raise Unsupported("stack of differently placed tensors")
+    p = next(iter(shards.values()))
+    q = Shard(p.dim + 1 if dim <= p.dim else p.dim, p.chunks)
+    return Decision(q, {x: p for x in xs}, why="stack along an unsharded dim")
+
+
+def rule_select(ctx: Ctx, node: Node) -> Decision:
+    """select(x, dim, i) -- ``x[..., i, :]``: picks along an unsharded dim (q, k or v of a fused
+    projection laid out per head, ``[.., heads, 3, head_dim]``: Bloom, Persimmon)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Partial):
+        return Decision(P, {x: P}, why="select of a partial sum")
+    if not isinstance(p, Shard):
+        return Decision(R, {x: R} if p is not None else {}, why="replicated")
+    d = _squeeze_dim(node, p.dim, len(ctx.shape(x)))
+    if d is None:
+        raise Unsupported(f"select along the sharded dim {p.dim}")
+    return Decision(Shard(d, p.chunks), {x: p}, why="select along an unsharded dim")
+
+
+def rule_unbind(ctx: Ctx, node: Node) -> Decision:
+    """unbind(x, dim): every piece is a select along ``dim``."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    outs = node.meta["val"]
+    if isinstance(p, Partial):
+        return Decision([P] * len(outs), {x: P}, why="unbind of a partial sum")
+    if not isinstance(p, Shard):
+        return Decision([R] * len(outs), {x: R} if p is not None else {}, why="replicated")
+    nd = len(ctx.shape(x))
+    dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), nd)
+    if dim == p.dim:
+        raise Unsupported(f"unbind along the sharded dim {p.dim}")
+    d = p.dim - (dim < p.dim)
+    return Decision([Shard(d, p.chunks)] * len(outs), {x: p}, why="unbind along an unsharded dim")
+
+
+def rule_view_as(ctx: Ctx, node: Node) -> Decision:
+    """view_as(x, other): a reshape to ``other``'s shape, read locally -- so ``other`` must hold
+    the same shard as the result (a replicated ``other`` is sliced: only its shape is read)."""
+    x, other = node.args[:2]
+    p = ctx.pl(x)
+    if isinstance(p, Partial):
+        return Decision(P, {x: P, other: R}, why="reshape of a partial sum")
+    if not isinstance(p, Shard):
+        if isinstance(ctx.pl(other), Shard):
+            raise Unsupported("view_as a sharded tensor of a replicated one", culprits=[other])
+        return Decision(R, {x: R, other: R}, why="replicated")
+    q = reshape_shard(ctx.shape(x), ctx.shape(node), p, ctx.world_size)
+    po = ctx.pl(other)
+    if isinstance(po, Shard) and po != q:
+        raise Unsupported(f"view_as a tensor sharded as {po}, not {q}", culprits=[x, other])
+    if isinstance(po, Partial):
+        raise Unsupported("view_as a partial sum's shape")
+    return Decision(q, {x: p, other: q}, why=f"reshape moves the shard to dim {q.dim}")
