@@ -24,6 +24,10 @@ def _build(kind: str):
             n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=99, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.2))
 
+    if kind in ("parallel_residual", "moe"):  # one all-reduce per layer (R joins P on rank 0); experts sharded
+        from test_arch_classes import _build as build_arch
+
+        return build_arch(kind)
     if kind == "llama":  # GQA: 4 query heads, 2 KV heads
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(
             hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
@@ -63,7 +67,7 @@ def _compile_vs_eager(rank: int, world: int, kind: str, backend: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "parallel_residual", "moe"])
 def test_compiled_fullgraph_equals_eager(kind):
     for r in run_ranks_once(_compile_vs_eager, 2, kind, "inductor"):
         assert r["sharded_params"] > 0, r
