@@ -53,7 +53,7 @@ import torch
 from .loss import vocab_ce_collectives
 from .patterns import block_of, linear_weight
 from .patterns import size_hint as _size_hint
-from .placements import Partial, Placement, Replicate, Shard, local_size
+from .placements import Placement, Replicate, Shard, local_size
 from .runtime import REDISTRIBUTIONS
 
 __all__ = ["Plan", "ParamPlan", "NodePlan", "Step", "Collective", "GraphNode", "build_plan"]
@@ -80,7 +80,7 @@ class ParamPlan:
 @dataclass(frozen=True)
 class NodePlan:
     """One node's decision: its output placement (a list for a split), why, its role
-    (``column`` / ``row`` / ``row_bias`` / ``vocab`` / ``vocab_ce``) and local data its lowering
+    (``column`` / ``row`` / ``vocab`` / ``vocab_ce``) and local data its lowering
     needs (``size_dim``: the shape entry to make local; ``split_dim``)."""
 
     placement: Any
@@ -94,8 +94,8 @@ class Step:
     """A redistribution lowering inserts: the module ``REDISTRIBUTIONS[kind]`` builds, as node ``name``.
 
     It reads ``reads`` (the value ``src``, or the previous step of a chain such as P -> R -> S)
-    and replaces ``src`` in ``consumers``.  ``before_bias``: the row-parallel linear ``src``'s
-    partial product, all-reduced before its bias is added once (``passes/lower_row_bias.py``).
+    and replaces ``src`` in ``consumers``.  (A row-parallel linear's bias needs no step of its
+    own: it joins the partial sum on rank 0, ``to_partial``.)
     """
 
     name: str
@@ -106,7 +106,6 @@ class Step:
     frm: Placement
     to: Placement
     global_size: int = 0  # the gathered dim's global size (an all-gather trims padding to it)
-    before_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,12 +275,7 @@ def _steps(analysis) -> list[Step]:
                                  consumers=[], frm=red.frm, to=red.to, global_size=size)
             reads = made[key]["name"]
         made[key]["consumers"].append(consumer.name)
-    steps = [Step(**{**s, "consumers": tuple(s["consumers"])}) for s in made.values()]
-    for i, (node, dec) in enumerate(analysis.decisions.items()):
-        if dec.role == "row_bias":
-            steps.append(Step(f"autotp_row_all_reduce_{i}", "all_reduce", node.name, node.name, (), Partial(),
-                              Replicate(), before_bias=True))
-    return steps
+    return [Step(**{**s, "consumers": tuple(s["consumers"])}) for s in made.values()]
 
 
 def _collectives(analysis, steps: list[Step], recompute_blocks: bool) -> list[Collective]:
@@ -304,7 +298,7 @@ def _collectives(analysis, steps: list[Step], recompute_blocks: bool) -> list[Co
                 continue
             # what each rank sends: a gather (forward) sends its shard, a slice's backward its gradient slice
             sent = s.frm if (op == "all_gather" and phase == "forward") else s.to if op == "all_gather" else None
-            why = f"{s.frm} -> {s.to}" + (" (row-parallel output, before its bias)" if s.before_bias else "")
+            why = f"{s.frm} -> {s.to}"
             out.append(Collective(op, phase, s.kind, s.frm, s.to, s.src, s.consumers, shape,
                                   _local(shape, val, sent, world) if sent is not None else shape,
                                   val.dtype, _nbytes(val.shape, val.dtype), why))
@@ -336,7 +330,7 @@ def _parameters(analysis, names: dict[str, str]) -> tuple[dict[str, ParamPlan], 
             found = linear_weight(node)
             w = found[1] if found else node.args[0]
             if w.op == "get_attr":
-                roles.setdefault(w.target, dec.role.replace("row_bias", "row"))
+                roles.setdefault(w.target, dec.role)
     params: dict[str, ParamPlan] = {}
     per_rank = total = replicated = 0
     for node in gm.graph.nodes:

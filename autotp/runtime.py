@@ -124,10 +124,6 @@ class Communicator:
         return f"Communicator(world_size={self.world_size}, same_host={self.same_host is not None})"
 
 
-def _slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> torch.Tensor:
-    return _local_slice(x, dim, chunks, rank, world)
-
-
 class _AllReduceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm):
@@ -158,14 +154,14 @@ class _GatherFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dim, chunks, comm = ctx.args
-        return _slice(grad, dim, chunks, comm.rank, comm.world_size), None, None, None, None
+        return _local_slice(grad, dim, chunks, comm.rank, comm.world_size), None, None, None, None
 
 
 class _SliceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, chunks, comm):
         ctx.args = (dim, chunks, x.shape[dim], comm)
-        return _slice(x, dim, chunks, comm.rank, comm.world_size).contiguous()
+        return _local_slice(x, dim, chunks, comm.rank, comm.world_size).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
@@ -301,7 +297,7 @@ class LocalSlice(_Collective):
             return slice_op(x, self.dim, self.chunks, self.comm.name)
         if torch.is_grad_enabled() and x.requires_grad:
             return _SliceFn.apply(x, self.dim, self.chunks, self.comm)
-        return _slice(x, self.dim, self.chunks, self.comm.rank, self.world_size)
+        return _local_slice(x, self.dim, self.chunks, self.comm.rank, self.world_size)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, chunks={self.chunks}"

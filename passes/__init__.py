@@ -17,7 +17,6 @@ from .fuse_column_backward import fuse_column_backward
 from .insert_redistributions import insert_redistributions
 from .localize_shapes import localize_shapes
 from .lower_dropout import lower_dropout
-from .lower_row_bias import lower_row_bias
 from .lower_vocab_cross_entropy import lower_vocab_cross_entropy
 from .lower_vocab_embedding import lower_vocab_embedding
 from .retarget_device import retarget_device
@@ -26,6 +25,6 @@ from .shard_parameters import shard_parameters
 
 __all__ = [
     "LoweringContext", "PassError", "PassResult", "run_passes", "drop_metadata_asserts", "insert_redistributions",
-    "localize_shapes", "lower_row_bias", "lower_vocab_embedding", "lower_vocab_cross_entropy", "lower_dropout",
+    "localize_shapes", "lower_vocab_embedding", "lower_vocab_cross_entropy", "lower_dropout",
     "checkpoint_blocks", "fuse_column_backward", "shard_parameters", "retarget_device", "scale_partial_means",
 ]

@@ -7,8 +7,7 @@
 One node per plan ``Step`` (named as the plan names it), built from its
 ``runtime.REDISTRIBUTIONS`` row and shared by every consumer the step lists: q,
 k and v of one attention read one ``CopyToRegion`` of the normed input, so the
-backward all-reduces its gradient once.  Row-parallel bias steps are
-``lower_row_bias``'s.
+backward all-reduces its gradient once.
 """
 from __future__ import annotations
 
@@ -24,8 +23,6 @@ def insert_redistributions(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     modified = False
     for step in ctx.plan.steps:
-        if step.before_bias:
-            continue
         reads, src = nodes[step.reads], nodes[step.src]
         module = REDISTRIBUTIONS[step.kind].build(step.frm, step.to, step.global_size, ctx.comm)
         gm.add_submodule(step.name, module)

@@ -37,7 +37,7 @@ class Decision:
     out: Placement | list[Placement] | None
     inputs: dict[Node, Placement] = field(default_factory=dict)
     why: str = ""
-    role: str | None = None  # "column" | "row" | "row_bias" | "vocab" for linear / embedding nodes
+    role: str | None = None  # "column" | "row" | "vocab" for linear / embedding nodes
     local_args: dict[str, Any] = field(default_factory=dict)  # data for the lowering
     pad: int | None = None  # the padding's state (``rules.padding``) if not the worst of the shard inputs'
 

@@ -238,19 +238,10 @@ def rule_stack(ctx: Ctx, node: Node) -> Decision:
     return Decision(q, {x: p for x in xs}, why="stack along an unsharded dim")
 
 
-def rule_select(ctx: Ctx, node: Node) -> Decision:
-    """select(x, dim, i) -- ``x[..., i, :]``: picks along an unsharded dim (q, k or v of a fused
-    projection laid out per head, ``[.., heads, 3, head_dim]``: Bloom, Persimmon)."""
-    x = node.args[0]
-    p = ctx.pl(x)
-    if isinstance(p, Partial):
-        return Decision(P, {x: P}, why="select of a partial sum")
-    if not isinstance(p, Shard):
-        return Decision(R, {x: R} if p is not None else {}, why="replicated")
-    d = _squeeze_dim(node, p.dim, len(ctx.shape(x)))
-    if d is None:
-        raise Unsupported(f"select along the sharded dim {p.dim}")
-    return Decision(Shard(d, p.chunks), {x: p}, why="select along an unsharded dim")
+# select(x, dim, i) -- ``x[..., i, :]``: removes one dim, like a squeeze, so the shard moves the
+# same way (q, k or v of a fused projection laid out per head, ``[.., heads, 3, head_dim]``:
+# Bloom, Persimmon); selecting along the sharded dim itself is unsupported.
+rule_select = _dim_map_rule(_squeeze_dim)
 
 
 def rule_unbind(ctx: Ctx, node: Node) -> Decision:
