@@ -6,7 +6,7 @@
 
 The stages and their order live in ``autotp.pipeline``.
 """
-from . import checkpoint  # noqa: F401  (autotp.checkpoint.save / load)
+from . import checkpoint, kernels  # noqa: F401  (autotp.checkpoint.save / load; autotp.kernels.available())
 from .api import ShardedModule, plan, shard
 from .capture import CaptureError, capture
 from .config import ShardConfig

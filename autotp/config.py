@@ -47,6 +47,10 @@ class ShardConfig:
             tensors are.  The model may be captured on another device (CPU, or ``meta`` with
             a loader): parameters are copied to ``device`` one local shard at a time, and every
             device constant of the graph (``arange(device=...)``...) is retargeted to it.
+        kernels: let lowering swap matched patterns for the fused kernels of ``csrc/`` where they
+            were compiled (``autotp.kernels.available()``); the plan's ``fusions`` lists what was
+            swapped.  ``False`` (or the environment variable ``AUTOTP_KERNELS=0``) keeps the
+            composite graph.
 
     Raises:
         ValueError: a field of the wrong type, or options that contradict each other.
@@ -62,6 +66,7 @@ class ShardConfig:
     timeout_s: float | None = None
     compile: bool = False
     device: object = None  # str | torch.device | None; kept as given, checked below
+    kernels: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

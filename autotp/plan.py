@@ -163,6 +163,7 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     outputs: list = field(default_factory=list)
     graph: list[GraphNode] = field(default_factory=list)
+    fusions: list[dict] = field(default_factory=list)  # lowering's kernel swaps (LoweringContext.fused)
 
     def node(self, n) -> NodePlan | None:
         """The decision for fx node ``n`` (``None`` for nodes lowering added)."""
@@ -219,6 +220,11 @@ class Plan:
         lines.append(f"parameter bytes per rank: {m['param_bytes_per_rank']:,} of {m['param_bytes_total']:,} "
                      f"({m['param_bytes_per_rank'] / max(m['param_bytes_total'], 1):.1%}; "
                      f"{m['param_bytes_replicated']:,} replicated)")
+        if self.fusions:
+            kinds: dict[str, int] = {}
+            for f in self.fusions:
+                kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
+            lines.append("fused kernels (this rank's lowering): " + ", ".join(f"{k} x{v}" for k, v in kinds.items()))
         if self.replicated:
             lines.append("left replicated:")
             for name, why in self.replicated.items():

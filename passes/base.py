@@ -36,6 +36,8 @@ class LoweringContext:
             prefill and decode steps) so they hold the same local tensors.
         device: the device this rank runs on (``ShardConfig.device`` resolved); ``None``
             leaves every tensor and device constant where capture put it.
+        kernels: fusion passes may swap patterns for ``csrc/`` kernels (``ShardConfig.kernels``
+            and ``AUTOTP_KERNELS``); each records what it swapped with ``fused``.
     """
 
     plan: Plan
@@ -46,6 +48,11 @@ class LoweringContext:
     load: Callable | None = None
     shared: dict | None = None
     device: torch.device | None = None
+    kernels: bool = False
+
+    def fused(self, kind: str, node, detail: str = "") -> None:
+        """Record in the plan that lowering swapped ``node``'s pattern for the fused ``kind``."""
+        self.plan.fusions.append({"kind": kind, "at": getattr(node, "name", str(node)), "detail": detail})
 
 
 def nodes_with_role(gm: GraphModule, plan: Plan, role: str) -> list[tuple[int, object]]:
