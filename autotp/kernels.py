@@ -32,11 +32,18 @@ _noticed = False
 def extension(kind: str):
     """The imported extension module for ``kind`` (``"cpu"``, ``"cuda"``, ``"samehost"``), or ``None``."""
     if kind not in _loaded:
+        if kind == "cuda" and extension("cpu") is None:  # the CPU extension defines the ops the CUDA one implements
+            _loaded[kind] = None
+            return None
         try:
             _loaded[kind] = importlib.import_module(_EXTENSIONS[kind])
         except ImportError as e:
             _loaded[kind] = None
             _notice(kind, e)
+        else:
+            if kind == "cpu":
+                from . import ops
+                ops.register()  # fakes and autograd of torch.ops.autotp_kernels.*
     return _loaded[kind]
 
 

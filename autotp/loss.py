@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels, ops
 from .runtime import Communicator
 from .traceable import communicator
 
@@ -72,35 +73,92 @@ def _ce_forward(logits, target, vocab_size: int, ignore_index: int, reduction: s
     return out, (softmax, idx, owned, ignored, count), valid
 
 
+def _ce_forward_fused(logits, target, vocab_size: int, ignore_index: int, reduction: str, label_smoothing: float,
+                      comm) -> tuple[torch.Tensor, tuple, int]:
+    """``_ce_forward`` with the kernels of ``csrc/``: one read of the logits for each rank's max, sum of
+    exp (relative to its own max, rescaled once the global max is known) and target logit; what
+    backward keeps is the logits themselves (no ``[N, V/P]`` softmax copy) and per-row numbers."""
+    world, rank = comm.world_size, comm.rank
+    n_local = logits.shape[-1]
+    start = rank * n_local
+    valid = max(0, min(n_local, vocab_size - start))
+    ignored = target == ignore_index
+    local_t = target - start
+    owned = (local_t >= 0) & (local_t < valid) & ~ignored
+    t_local = torch.where(owned, local_t, -1)
+    stats = torch.ops.autotp_kernels.ce_stats(logits, t_local, valid, bool(label_smoothing))
+    m_local = stats[:, 0]
+    m = m_local.clone()
+    if world > 1:
+        comm.all_reduce_(m, "max")
+    # sum_c exp(x_c - m) = exp(m_local - m) * sum_c exp(x_c - m_local); a rank with no valid column adds 0
+    parts = [torch.where(owned, stats[:, 2] - m, 0.0), stats[:, 1] * torch.exp(m_local - m)]
+    if label_smoothing:
+        parts.append(stats[:, 3] - valid * m)
+    stacked = torch.stack(parts, dim=1)
+    if world > 1:
+        comm.all_reduce_(stacked, "sum")
+    t, z = stacked[:, 0], stacked[:, 1]
+    log_z = z.log()
+    loss = log_z - t
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - stacked[:, 2] / vocab_size)
+    loss = loss.masked_fill(ignored, 0.0)
+    count = (~ignored).sum()
+    if reduction == "none":
+        out = loss.to(logits.dtype)
+    else:
+        total = loss.sum()
+        out = (total / count if reduction == "mean" else total).to(logits.dtype)
+    return out, (logits, t_local, m, z, ignored, count), valid
+
+
+def _row_grad(grad, rows: int, reduction: str, count, ignored, dtype) -> torch.Tensor:
+    """The loss gradient per row (``[rows]``, 0 on ignored rows)."""
+    g = grad.to(dtype)
+    if reduction == "mean":
+        g = (g / count).expand(rows)
+    elif reduction == "sum":
+        g = g.expand(rows)
+    return g.masked_fill(ignored, 0.0)
+
+
+def _ce_backward_fused(grad, saved, reduction: str, eps: float, vocab_size: int, valid: int, dtype) -> torch.Tensor:
+    """``_ce_backward`` from the kept logits, in one pass (``autotp_kernels::ce_grad``)."""
+    logits, t_local, m, z, ignored, count = saved
+    g = _row_grad(grad, logits.shape[0], reduction, count, ignored, z.dtype)
+    coef = torch.stack([m, g / z, g * (1.0 - eps), g * (eps / vocab_size)], dim=1)
+    return torch.ops.autotp_kernels.ce_grad(logits, t_local, valid, coef).to(dtype)
+
+
 def _ce_backward(grad, saved, reduction: str, eps: float, vocab_size: int, valid: int, dtype) -> torch.Tensor:
     """d loss / d logits on the local columns (no communication); overwrites the saved softmax."""
     softmax, idx, owned, ignored, count = saved
-    g = grad.to(softmax.dtype)
-    if reduction == "mean":
-        g = (g / count).expand(softmax.shape[0])
-    elif reduction == "sum":
-        g = g.expand(softmax.shape[0])
+    g = _row_grad(grad, softmax.shape[0], reduction, count, ignored, softmax.dtype)
     dx = softmax
     rows = torch.arange(dx.shape[0], device=dx.device)
     dx[rows[owned], idx[owned]] -= 1.0 - eps
     if eps:
         dx[:, :valid] -= eps / vocab_size
     dx[:, valid:] = 0.0
-    dx.mul_(g.masked_fill(ignored, 0.0)[:, None])
+    dx.mul_(g[:, None])
     return dx.to(dtype)
 
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm):
-        out, saved, valid = _ce_forward(logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm)
+    def forward(ctx, logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm, fused):
+        forward = _ce_forward_fused if fused else _ce_forward
+        out, saved, valid = forward(logits, target, vocab_size, ignore_index, reduction, label_smoothing, comm)
         ctx.save_for_backward(*saved)
         ctx.args = (reduction, label_smoothing, vocab_size, valid, logits.dtype)
+        ctx.fused = fused
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _ce_backward(grad, ctx.saved_tensors, *ctx.args), None, None, None, None, None, None
+        backward = _ce_backward_fused if ctx.fused else _ce_backward
+        return backward(grad, ctx.saved_tensors, *ctx.args), None, None, None, None, None, None, None
 
 
 # Under torch.compile: the same forward and backward as one custom op (opaque to Dynamo: its
@@ -161,7 +219,8 @@ def _check_targets(target: torch.Tensor, vocab_size: int, ignore_index: int) -> 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, *, group=None, comm=None,
                                  vocab_size: int | None = None, ignore_index: int = -100,
-                                 reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+                                 reduction: str = "mean", label_smoothing: float = 0.0,
+                                 fused: bool | None = None) -> torch.Tensor:
     """Cross-entropy of vocab-sharded logits, equal to ``F.cross_entropy`` of the gathered ones.
 
     Args:
@@ -173,6 +232,10 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
             model passes its own: its timeout applies).
         vocab_size: the real vocab size (default ``V_local * world``).
         ignore_index / reduction / label_smoothing: as ``torch.nn.functional.cross_entropy``.
+        fused: use the ``csrc/`` kernels (one read of the logits; the gradient computed from the
+            logits, so no softmax copy is kept for backward).  ``None``: where compiled for the
+            logits' device and not turned off (``AUTOTP_KERNELS=0``).  Eager only: under
+            ``torch.compile`` the composite is traced (Inductor fuses it).
 
     Returns:
         The loss, replicated on every rank (a scalar, or ``target``'s shape for ``reduction="none"``).
@@ -199,8 +262,13 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
                       comm.name)[0]
     else:
         _check_targets(target, vocab_size, ignore_index)
+        if fused is None:
+            fused = kernels.enabled() and ops.supports(flat.device)
+        elif fused and not ops.supports(flat.device):
+            raise ValueError(f"fused=True, but autotp's kernels are not compiled for {flat.device} "
+                             f"(autotp.kernels.available(): {kernels.available()}); pass fused=None or False")
         loss = _VocabParallelCE.apply(flat, target.reshape(-1), vocab_size, ignore_index, reduction,
-                                      float(label_smoothing), comm)
+                                      float(label_smoothing), comm, bool(fused))
     return loss.view(target.shape) if reduction == "none" else loss
 
 
@@ -208,16 +276,19 @@ class VocabParallelCrossEntropy(nn.Module):
     """``aten.cross_entropy_loss`` on vocab-sharded logits, as a graph node (see the module docstring)."""
 
     def __init__(self, vocab_size: int, reduction: int | str = 1, ignore_index: int = -100,
-                 label_smoothing: float = 0.0, *, comm):
+                 label_smoothing: float = 0.0, *, comm, fused: bool = False):
         super().__init__()
         self.vocab_size = vocab_size
         self.reduction = _REDUCTIONS.get(reduction, reduction)
         self.ignore_index, self.label_smoothing, self.comm = ignore_index, label_smoothing, comm
+        self.fused = fused  # the csrc/ kernels (lowering decides: ShardConfig.kernels and what was compiled)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, target, comm=self.comm, vocab_size=self.vocab_size,
                                             ignore_index=self.ignore_index, reduction=self.reduction,
-                                            label_smoothing=self.label_smoothing)
+                                            label_smoothing=self.label_smoothing,
+                                            fused=None if self.fused else False)
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.vocab_size}, reduction={self.reduction}, ignore_index={self.ignore_index}"
+        return (f"vocab_size={self.vocab_size}, reduction={self.reduction}, ignore_index={self.ignore_index}"
+                + (", fused" if self.fused else ""))

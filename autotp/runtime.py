@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import ops
 from .placements import Partial, Placement, Replicate, Shard
 from .traceable import all_gather as all_gather_op  # the torch.library twins of the modules below
 from .traceable import all_reduce as all_reduce_op
@@ -397,20 +398,19 @@ class VocabParallelEmbedding(nn.Module):
     the output is a partial sum, made whole by one all-reduce.
     """
 
-    def __init__(self, start: int, rows: int, padding_idx: int = -1):
+    def __init__(self, start: int, rows: int, padding_idx: int = -1, *, fused: bool = False):
         super().__init__()
         self.start, self.rows, self.padding_idx = start, rows, padding_idx
+        self.fused = fused  # autotp_kernels::masked_embedding where compiled (lowering decides)
 
     def forward(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.rows)
-        local = local.masked_fill(outside, 0)
         pad = self.padding_idx - self.start if 0 <= self.padding_idx - self.start < self.rows else -1
-        out = torch.ops.aten.embedding(weight, local, pad)
-        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.fused:
+            return ops.masked_embedding(weight, ids, self.start, pad)
+        return ops.masked_embedding_composite(weight, ids, self.start, pad)
 
     def extra_repr(self) -> str:
-        return f"rows=[{self.start}, {self.start + self.rows})"
+        return f"rows=[{self.start}, {self.start + self.rows})" + (", fused" if self.fused else "")
 
 
 class TPDropout(nn.Module):

@@ -50,6 +50,15 @@ class LoweringContext:
     device: torch.device | None = None
     kernels: bool = False
 
+    def kernel_for(self, kind: str, node, detail: str = "") -> bool:
+        """Whether a pass may use a ``csrc/`` kernel here (``kernels`` on, and compiled for the run
+        device); when so, records the fusion ``kind`` at ``node`` in the plan."""
+        from autotp import ops
+        if not (self.kernels and ops.supports(self.device)):
+            return False
+        self.fused(kind, node, detail)
+        return True
+
     def fused(self, kind: str, node, detail: str = "") -> None:
         """Record in the plan that lowering swapped ``node``'s pattern for the fused ``kind``."""
         self.plan.fusions.append({"kind": kind, "at": getattr(node, "name", str(node)), "detail": detail})

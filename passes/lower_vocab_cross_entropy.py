@@ -2,6 +2,8 @@
 
     loss = cross_entropy_loss(logits_S, y, None, red, ignore, eps)
  -> loss = VocabParallelCrossEntropy[V, red, ignore, eps](logits_S, y)   # replicated, 2 all-reduces of [N]
+
+With ``ctx.kernels`` (and the kernels compiled) the module runs the fused ``csrc/`` kernels.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ def lower_vocab_cross_entropy(gm: GraphModule, ctx: LoweringContext) -> PassResu
         opts.update({k: v for k, v in node.kwargs.items() if k in opts})
         name = f"autotp_vocab_cross_entropy_{i}"
         vocab = int(logits.meta["val"].shape[1])
+        fused = ctx.kernel_for("vocab_cross_entropy", node, "ce_stats + ce_grad: one read of the logits, no softmax kept")
         replace_with_module(gm, node, name, VocabParallelCrossEntropy(vocab, opts["reduction"], opts["ignore_index"],
-                                                         opts["label_smoothing"] or 0.0, comm=ctx.comm),
+                                                         opts["label_smoothing"] or 0.0, comm=ctx.comm,
+                                                         fused=fused),
                             (logits, target))
         modified = True
     return PassResult(gm, modified)

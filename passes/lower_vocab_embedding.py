@@ -25,6 +25,7 @@ def lower_vocab_embedding(gm: GraphModule, ctx: LoweringContext) -> PassResult:
         rows = math.ceil(vocab / world_size)
         padding_idx = node.args[2] if len(node.args) > 2 else -1
         name = f"autotp_vocab_embedding_{i}"
-        replace_with_module(gm, node, name, VocabParallelEmbedding(rank * rows, rows, padding_idx), (w, ids))
+        fused = ctx.kernel_for("vocab_embedding", node, "masked_embedding: range mask, lookup and zero rows in one pass")
+        replace_with_module(gm, node, name, VocabParallelEmbedding(rank * rows, rows, padding_idx, fused=fused), (w, ids))
         modified = True
     return PassResult(gm, modified)
