@@ -350,8 +350,11 @@ def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_
         chain = [("all_reduce", Partial(), act)] + redistribution_chain(act, req)
     else:
         chain = redistribution_chain(act, req)
-    if not chain and req == R and out_sharded and _is_floating(x):
-        chain = [("copy", R, R)]  # a replicated value enters sharded compute: its gradient is partial
+    if req == R and out_sharded and _is_floating(x) and (not chain or chain[-1][2] == R):
+        # a replicated value enters sharded compute: its gradient is partial.  Also when it was made
+        # whole just before (an all-reduce or all-gather straight into a column linear, with no norm
+        # between): neither's backward sums the readers' partial gradients
+        chain = chain + [("copy", R, R)]
     for kind, frm, to in chain:
         assert kind in REDISTRIBUTIONS, kind
         a.redistributions.append(Redistribution(x, node, frm, to, kind))

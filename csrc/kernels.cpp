@@ -127,9 +127,12 @@ AUTOTP_CLONES void gelu_bwd_row_f(const float* g, const float* x, const float* b
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       float u = x[j] + (b ? b[j] : 0.0f);
-      float s = cdf_tanh_f(u);  // sigma(2t), t = k (u + c u^3); d sigma(2t)/du = 2 s (1 - s) t'
+      // s = sigma(2t), t = k (u + c u^3); d s/du = 2 s (1 - s) t', with 1 - s = e s (e = exp(-2t))
+      // rather than 1 - s, which cancels where s is near 1
+      float e = exp_f(-2.0f * kTanhK * (u + kTanhC * u * u * u));
+      float s = 1.0f / (1.0f + e);
       float dt = kTanhK * (1.0f + 3.0f * kTanhC * u * u);
-      dx[j] = g[j] * (s + u * 2.0f * s * (1.0f - s) * dt);
+      dx[j] = g[j] * (s + u * 2.0f * ((e * s) * s) * dt);  // e s <= 1: no overflow
     }
   } else {
 #pragma omp simd
@@ -154,10 +157,10 @@ AUTOTP_CLONES void silu_mul_bwd_row_f(const float* g, const float* gate, const f
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float a = gate[j];
-    float s = 1.0f / (1.0f + exp_f(-a));
-    float silu = a * s;
-    dup[j] = g[j] * silu;
-    dgate[j] = g[j] * up[j] * s * (1.0f + a * (1.0f - s));
+    float e = exp_f(-a);
+    float s = 1.0f / (1.0f + e);  // 1 - s = e s, without cancellation
+    dup[j] = g[j] * a * s;
+    dgate[j] = g[j] * up[j] * s * (1.0f + a * (e * s));
   }
 }
 
@@ -205,8 +208,9 @@ void gelu_bwd_row_d(const double* g, const double* x, const double* b, double* d
   for (int64_t j = 0; j < n; ++j) {
     double u = x[j] + (b ? b[j] : 0.0);
     if (tanh_form) {
-      double s = cdf_tanh_d(u);
-      dx[j] = g[j] * (s + u * 2.0 * s * (1.0 - s) * 0.79788456080286535588 * (1.0 + 3.0 * 0.044715 * u * u));
+      double v = 2.0 * 0.79788456080286535588 * (u + 0.044715 * u * u * u);
+      double s = 1.0 / (1.0 + std::exp(-v)), one_minus_s = 1.0 / (1.0 + std::exp(v));  // each without cancellation
+      dx[j] = g[j] * (s + u * 2.0 * s * one_minus_s * 0.79788456080286535588 * (1.0 + 3.0 * 0.044715 * u * u));
     } else {
       dx[j] = g[j] * (cdf_erf_d(u) + u * 0.39894228040143267794 * std::exp(-0.5 * u * u));
     }
@@ -220,9 +224,9 @@ void silu_mul_row_d(const double* gate, const double* up, double* y, int64_t n) 
 void silu_mul_bwd_row_d(const double* g, const double* gate, const double* up, double* dgate, double* dup,
                         int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    double a = gate[j], s = 1.0 / (1.0 + std::exp(-a));
+    double a = gate[j], s = 1.0 / (1.0 + std::exp(-a)), one_minus_s = 1.0 / (1.0 + std::exp(a));
     dup[j] = g[j] * a * s;
-    dgate[j] = g[j] * up[j] * s * (1.0 + a * (1.0 - s));
+    dgate[j] = g[j] * up[j] * s * (1.0 + a * one_minus_s);
   }
 }
 
