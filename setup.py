@@ -36,6 +36,8 @@ def _extensions():
         ce.CppExtension("autotp._samehost", ["csrc/samehost.cpp"], extra_compile_args={"cxx": cxx}),
     ]
     if torch.version.cuda and (ce.CUDA_HOME or shutil.which("nvcc")):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # no GPU to ask: A100, H100/H200 (+PTX for newer)
         exts.append(ce.CUDAExtension("autotp._C_cuda", ["csrc/kernels_cuda.cpp", "csrc/kernels.cu"],
                                      extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}))  # no fast math: expf/erfcf to ~2 ulp
 
@@ -49,6 +51,16 @@ def _extensions():
                 print(f"WARNING: autotp: could not build {ext.name} ({type(e).__name__}: {e}); autotp will use "
                       "the composite ops instead. Fix the compiler and rerun "
                       "'pip install --no-build-isolation -e .'", file=sys.stderr)
+                self._failed = getattr(self, "_failed", set()) | {ext.name}
+
+        def run(self):
+            super().run()
+            # what did not build is not copied next to the sources nor listed as an output
+            self.extensions = [e for e in self.extensions if e.name not in getattr(self, "_failed", ())]
+
+        def copy_extensions_to_source(self):
+            self.extensions = [e for e in self.extensions if e.name not in getattr(self, "_failed", ())]
+            super().copy_extensions_to_source()
 
     return [e for e in exts if all(ROOT.joinpath(s).exists() for s in e.sources)], {
         "build_ext": OptionalBuild.with_options(no_python_abi_suffix=False)}

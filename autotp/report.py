@@ -70,6 +70,10 @@ SCHEMA = _obj({
         "collectives": _obj({"forward": _INT, "backward": _INT}), "collective_message_bytes": _INT})},
     "replicated": {"type": "array", "items": _obj({"parameter": {"type": "string"}, "why": {"type": "string"},
                                                    "path": {"type": "array", "items": {"type": "string"}}})},
+}, {
+    # what this rank's lowering swapped for csrc/ kernels (empty before lowering: ``autotp.plan``)
+    "fusions": {"type": "array", "items": _obj({"kind": {"type": "string"}, "at": {"type": "string"},
+                                                "detail": {"type": "string"}})},
 })
 """``plan.json``'s schema (JSON Schema: ``type``, ``properties``, ``required``, ``additionalProperties``,
 ``items``, ``enum``, ``minimum``), checked by ``validate``.  ``blocks[].same_as`` names the first
@@ -192,6 +196,7 @@ def plan_document(plan, g=None) -> dict:
         "blocks": _blocks(g, params, collectives),
         "replicated": [{"parameter": name, "why": why, "path": replication_path(g, name, why)}
                        for name, why in plan.replicated.items()],
+        "fusions": [dict(f) for f in plan.fusions],
     }
 
 

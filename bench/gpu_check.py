@@ -252,6 +252,19 @@ def main(argv=None) -> int:
     table.add("tests marked cuda (pytest -m cuda)", "PASS" if ran else "FAIL" if tests.returncode not in (0, 5)
               else "SKIP", last)
 
+    from autotp import kernels
+    built = kernels.available()
+    table.add("csrc/ kernels compiled", "PASS" if built["cpu"] and (built["cuda"] or not gpu) else "FAIL", str(built))
+    if built["cpu"] and (built["cuda"] or not gpu):
+        sys.path.insert(0, str(ROOT / "bench"))
+        import bench_kernels
+
+        def kernel_judge(rows):
+            return True, "; ".join(f"{r['kernel']} {r['what']} {r['ratio']:.2f}x" for r in rows)
+
+        table.run(f"kernel micro-benchmarks on {'cuda' if gpu else 'cpu'} (composite / fused)", lambda: bench_kernels.run(
+            small=args.quick, iters=iters, device="cuda" if gpu else "cpu"), kernel_judge)
+
     table.run(f"shard, world 1, {'nccl' if gpu else 'gloo'}, fp32", lambda: _ranks(
         _exactness, 1, "nccl" if gpu else "gloo", dev, sizes), _exact_judge(1e-5))
     table.run(f"shard, world 2 on one {'GPU' if gpu else 'CPU'}, gloo, fp32", lambda: _ranks(

@@ -338,3 +338,62 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------ on a GPU (bench/gpu_check.sh)
+
+needs_cuda_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.available()["cuda"]),
+                                        reason="needs a CUDA device and autotp._C_cuda (a CUDA build of torch + nvcc)")
+
+
+@pytest.mark.cuda
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_kernels_match_composite(dtype):
+    """Every op on CUDA against the float64 composite (fp32 / fp64 at 1e-6, bf16 at its resolution), backward included."""
+    dev = "cuda"
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype != torch.bfloat16 else {"rtol": 2 ** -7, "atol": 1e-2}
+
+    def close(got, want):
+        torch.testing.assert_close(got.double().cpu(), want.double().cpu(), **tol)
+
+    x, b, g = _x(33, 700).to(dev, dtype), _x(700, seed=1).to(dev, dtype), _x(33, 700, seed=2, scale=1).to(dev, dtype)
+    for approximate in ("none", "tanh"):
+        xr, br = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = K.bias_gelu(xr, br, approximate)
+        y.backward(g)
+        xd, bd = x.double().requires_grad_(), b.double().requires_grad_()
+        want = ops.bias_gelu_composite(xd, bd, approximate)
+        want.backward(g.double())
+        close(y, want.detach())
+        close(xr.grad, xd.grad)
+    up = _x(33, 700, seed=3).to(dev, dtype)
+    gr, ur = x.clone().requires_grad_(), up.clone().requires_grad_()
+    y = K.silu_mul(gr, ur)
+    y.backward(g)
+    gd, ud = x.double().requires_grad_(), up.double().requires_grad_()
+    want = ops.silu_mul_composite(gd, ud)
+    want.backward(g.double())
+    for got, ref in ((y, want.detach()), (gr.grad, gd.grad), (ur.grad, ud.grad)):
+        close(got, ref)
+    w = _x(50, 33).to(dev, dtype).requires_grad_()
+    ids = torch.randint(0, 200, (4, 9), device=dev)
+    e = K.masked_embedding(w, ids, 100, 7)
+    assert torch.equal(e, ops.masked_embedding_composite(w.detach(), ids, 100, 7))
+    e.backward(torch.ones_like(e))
+    wc = w.detach().double().requires_grad_()
+    ops.masked_embedding_composite(wc, ids, 100, 7).backward(torch.ones_like(e, dtype=torch.float64))
+    close(w.grad, wc.grad)
+    comm = Communicator(None)
+    logits = _x(40, 1024, scale=4).to(dev, dtype)
+    target = torch.randint(0, 1000, (40,), device=dev)
+    target[::7] = -100
+    z = logits.clone().requires_grad_()
+    loss = autotp.vocab_parallel_cross_entropy(z, target, comm=comm, vocab_size=1000, label_smoothing=0.1, fused=True)
+    loss.backward()
+    zd = logits[:, :1000].double().requires_grad_()
+    want = F.cross_entropy(zd, target, label_smoothing=0.1)
+    want.backward()
+    close(loss, want.detach())
+    close(z.grad[:, :1000], zd.grad)
+    assert z.grad[:, 1000:].abs().sum() == 0
