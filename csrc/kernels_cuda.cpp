@@ -2,7 +2,7 @@
 // tensors' device, and the launchers of csrc/kernels.cu on the current stream.  The schemas are
 // defined by the CPU extension (csrc/kernels.cpp, autotp._C), which autotp imports first.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
@@ -21,7 +21,7 @@ int dtype_code(const at::Tensor& t, const char* op) {
   }
 }
 
-void* stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check(int err, const char* op) {
   TORCH_CHECK(err == 0, "autotp_kernels::", op, " (CUDA): the kernel launch failed with cudaError ", err);
