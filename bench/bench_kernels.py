@@ -43,19 +43,23 @@ def _median_ms(fns: dict, iters: int) -> dict:
 
 
 _PEAK_SCRIPT = """
-import resource, sys, torch, autotp
+import sys, torch, autotp
 from autotp.runtime import Communicator
 rows, cols, fused = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 torch.manual_seed(0)
 comm = Communicator(None)
+def peak_rss():  # this process's resident high-water mark (VmHWM: per address space, so fresh after exec,
+    # unlike getrusage's ru_maxrss, which a child inherits from its parent)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 def step(logits, target):
     autotp.vocab_parallel_cross_entropy(logits, target, comm=comm, fused=fused).backward()
 step(torch.randn(4, 64).requires_grad_(), torch.randint(0, 64, (4,)))  # load what the first call loads
 logits = torch.randn(rows, cols).requires_grad_()
 target = torch.randint(0, cols, (rows,))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the high-water mark so far: the logits
+base = peak_rss()  # the high-water mark so far: the logits
 step(logits, target)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+print(peak_rss() - base)
 """
 
 
