@@ -39,7 +39,8 @@ def _use_kernel(x: torch.Tensor) -> bool:
 # composite twins: what each kernel computes, in ATen ops
 
 def bias_gelu_composite(x, bias, approximate: str = "none"):
-    return F.gelu(x + bias if bias is not None else x, approximate=approximate)
+    # the bias in x's dtype, as the kernel takes it (and as the linear it came from added it under autocast)
+    return F.gelu(x + bias.to(x.dtype) if bias is not None else x, approximate=approximate)
 
 
 def silu_mul_composite(gate, up):
