@@ -48,7 +48,7 @@ SAME_HOST_TIMEOUT_S = 60.0  # the same-host transport's wait when ShardConfig.ti
 # graph as analyzed), then the ops that become modules, then the parameters.
 LOWERING = [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.scale_partial_means,
             P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout, P.fuse_column_backward,
-            P.shard_parameters, P.retarget_device]
+            P.shard_parameters, P.retarget_device, P.fuse_allreduce_norm]
 
 
 @dataclass(frozen=True)
