@@ -300,8 +300,10 @@ class AllReduceAddNorm(torch.nn.Module):
         self.fused_calls = 0  # how often the fused op ran (the composite ran the other times)
 
     def forward(self, x, r, w, b):
+        if torch.compiler.is_compiling():  # traced: the composite's ops (its AllReduce has a traceable twin)
+            return self.composite(x, r, w, b)
         same_host = self.comm.same_host
-        if (same_host is None or not same_host.compiled or torch.compiler.is_compiling()
+        if (same_host is None or not same_host.compiled
                 or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, r, w, b)))):
             return self.composite(x, r, w, b)
         out = same_host.add_norm(x, w, b, self.eps, self.rms, residual=r if self.join and self.comm.rank == 0 else None,
