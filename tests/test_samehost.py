@@ -372,3 +372,26 @@ def test_the_compiled_transport_checks_its_mapping():
         _samehost.Transport(buf.data_ptr(), 1024, 2, 0, 4096, 1.0)
     with pytest.raises(ValueError, match=r"rank 2 of world size 2"):
         _samehost.Transport(buf.data_ptr(), 1024, 2, 2, 64, 1.0)
+
+
+def _compiled_model(rank, world):
+    import autotp
+
+    from autotp.samehost import AllReduceAddNorm
+
+    case = {c.name: c for c in CASES}["M3_llama_untied"]
+    torch.manual_seed(0)
+    model = case.build()
+    args, kw = case.inputs()
+    tp = autotp.shard(model, world, example_inputs=args, example_kwargs=kw, same_host_collectives=True, compile=True)
+    with torch.no_grad():
+        err = (case.output(tp(*args, **kw)) - case.output(model(*args, **kw))).abs().max().item()
+    fused = [m for m in tp.modules() if isinstance(m, AllReduceAddNorm)]
+    return err, len(tp.plan.fusions), len(fused), sum(m.fused_calls for m in fused)
+
+
+@needs_cpp
+def test_fused_allreduce_norm_under_torch_compile_runs_the_composite():
+    for err, fusions, modules, fused_calls in run_ranks(_compiled_model, 2):
+        # fullgraph compile traces the fused module's composite twin (its AllReduce has a traceable op)
+        assert err <= 1e-5 and fusions == modules == 5 and fused_calls == 0, (err, fusions, modules, fused_calls)
