@@ -6,7 +6,7 @@ Run (2 CPU ranks on this host, gloo, one thread per rank; ``autotp._samehost`` b
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/bench_samehost.py [--json FILE] [--quick]
 
 1. All-reduce (sum, float32) of 3 KB, 1.5 MB and 32 MB: median and min latency per call over
-   ``--iters`` calls (fewer at 32 MB) of
+   ``--iters`` calls (a tenth of them at 32 MB), the peers interleaved call by call, of
 
    * ``cpp``: ``SameHostComm(compiled=True)`` with its default 4 MiB slots: 32 MB goes through
      the slots in 8 pieces (one collective each);
@@ -41,19 +41,23 @@ from autotp import kernels  # noqa: E402
 from autotp.samehost import SameHostComm  # noqa: E402
 
 
-def timed(fn, iters: int, warmup: int, reset=None) -> tuple[float, float]:
-    """(median, min) seconds of ``fn()`` over ``iters`` calls; ``reset()`` runs untimed before each."""
-    samples = []
+def timed(peers: dict, iters: int, warmup: int, reset=None) -> dict:
+    """``{name: (median, min)}`` seconds per call of each ``peers[name]()``, over ``iters`` rounds
+    that call every peer once in turn (interleaved, so that a change in the machine's load --
+    2 cores shared with others here -- falls on every peer alike); ``reset()`` runs untimed
+    before each call."""
+    samples = {name: [] for name in peers}
     for i in range(warmup + iters):
-        if reset is not None:
-            reset()
-        dist.barrier()  # start together: each sample is one collective, not a rank's head start
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            samples.append(dt)
-    return statistics.median(samples), min(samples)
+        for name, fn in peers.items():
+            if reset is not None:
+                reset()
+            dist.barrier()  # start together: each sample is one collective, not a rank's head start
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                samples[name].append(dt)
+    return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
 
 
 def rms_composite(s: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,9 +94,10 @@ def main() -> int:
         k = max(5, iters // 10) if n > 1 << 20 else iters
         reset = lambda: x.copy_(base)  # noqa: E731 -- the sum is in place: each call gets the same input
         row = {"size": label, "bytes": n * 4, "iters": k}
-        for name, fn in (("cpp", lambda: cpp.all_reduce_(x)), ("python", lambda: py.all_reduce_(x)),
-                         ("gloo", lambda: dist.all_reduce(x))):
-            row[name + "_median_us"], row[name + "_min_us"] = (v * 1e6 for v in timed(fn, k, 3, reset))
+        peers = {"cpp": lambda: cpp.all_reduce_(x), "python": lambda: py.all_reduce_(x),
+                 "gloo": lambda: dist.all_reduce(x)}
+        for name, (med, lo) in timed(peers, k, 3, reset).items():
+            row[name + "_median_us"], row[name + "_min_us"] = med * 1e6, lo * 1e6
         rows.append(row)
 
     eps = 1e-6
@@ -117,8 +122,8 @@ def main() -> int:
         rel = ((y1 - y2).abs().max() / y1.abs().max()).item()
         assert rel <= 1e-6, f"{label}: fused RMSNorm off by {rel:.2e} relative"
         row = {"shape": label, "iters": iters, "y_rel_diff": rel}
-        for name, fn in (("fused", fused), ("composite", composite)):
-            row[name + "_median_us"], row[name + "_min_us"] = (v * 1e6 for v in timed(fn, iters, 3))
+        for name, (med, lo) in timed({"fused": fused, "composite": composite}, iters, 3).items():
+            row[name + "_median_us"], row[name + "_min_us"] = med * 1e6, lo * 1e6
         fused_rows.append(row)
 
     if rank == 0:

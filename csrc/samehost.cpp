@@ -173,6 +173,35 @@ void contribute_half(uint16_t* __restrict__ dst, const uint16_t* __restrict__ x,
   }
 }
 
+// sum and sum of squares of a row, in double, over 8 independent lanes (so the loop vectorises
+// without reassociating anything: the order is fixed, the same on every rank and every run)
+template <typename Load, typename T>
+inline void row_stats(const T* __restrict__ s, int64_t n, double& sum, double& sq) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, q[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; ++k) {
+      const double v = Load::load(s[j + k]);
+      a[k] += v;
+      q[k] += v * v;
+    }
+  sum = sq = 0.0;
+  for (int k = 0; k < 8; ++k) {
+    sum += a[k];
+    sq += q[k];
+  }
+  for (; j < n; ++j) {
+    const double v = Load::load(s[j]);
+    sum += v;
+    sq += v * v;
+  }
+}
+
+template <typename T>
+struct Plain {
+  static double load(T v) { return v; }
+};
+
 // One row of the float types: s = the rank-ordered sum of the slots (rounded as the composite's
 // all-reduce rounds it), y = norm(s) with the statistics accumulated in double.
 //   rms:   y = w * (s * rstd),            rstd = 1 / sqrt(mean(s^2) + eps)
@@ -181,12 +210,8 @@ template <typename T>
 void norm_row(const std::vector<const char*>& parts, int64_t off, const T* __restrict__ w, const T* __restrict__ b,
               T* __restrict__ s, T* __restrict__ y, int64_t cols, double eps, bool rms) {
   sum_parts(s, parts, off, cols);
-  double sum = 0.0, sq = 0.0;
-  for (int64_t j = 0; j < cols; ++j) {
-    const double v = s[j];
-    sum += v;
-    sq += v * v;
-  }
+  double sum, sq;
+  row_stats<Plain<T>>(s, cols, sum, sq);
   if (rms) {
     const T rstd = static_cast<T>(1.0 / std::sqrt(sq / cols + eps));
     for (int64_t j = 0; j < cols; ++j) y[j] = w[j] * (s[j] * rstd);
@@ -210,12 +235,8 @@ void norm_row_half(const std::vector<const char*>& parts, int64_t off, const uin
                    const uint16_t* __restrict__ b, uint16_t* __restrict__ s, uint16_t* __restrict__ y, int64_t cols,
                    double eps, bool rms) {
   sum_parts_half<Conv>(s, parts, off, cols);
-  double sum = 0.0, sq = 0.0;
-  for (int64_t j = 0; j < cols; ++j) {
-    const double v = Conv::load(s[j]);
-    sum += v;
-    sq += v * v;
-  }
+  double sum, sq;
+  row_stats<Conv>(s, cols, sum, sq);
   if (rms) {
     const float rstd = static_cast<float>(1.0 / std::sqrt(sq / cols + eps));
     for (int64_t j = 0; j < cols; ++j)
