@@ -10,6 +10,7 @@ Run (2 CPU ranks on this host, gloo, one thread per rank; ``autotp._samehost`` b
 
    * ``cpp``: ``SameHostComm(compiled=True)`` with its default 4 MiB slots: 32 MB goes through
      the slots in 8 pieces (one collective each);
+   * ``cpp 32M slot``: the same with a slot large enough for 32 MB (one piece: the cost of chunking);
    * ``python``: ``SameHostComm(compiled=False)`` with a slot large enough for 32 MB (with the
      default 4 MiB slot the Python transport hands 32 MB to gloo);
    * ``gloo``: ``dist.all_reduce``.
@@ -82,6 +83,7 @@ def main() -> int:
     iters = 20 if args.quick else args.iters
     sizes = {"3 KB": 768, "1.5 MB": 393_216, "32 MB": 8_388_608}  # float32 elements
     cpp = SameHostComm(compiled=True)
+    cpp_big = SameHostComm(compiled=True, slot_bytes=max(sizes.values()) * 4)  # 32 MB in one piece
     py = SameHostComm(compiled=False, slot_bytes=max(sizes.values()) * 4)
     rows, fused_rows = [], []
     for label, n in sizes.items():
@@ -90,12 +92,13 @@ def main() -> int:
         a, b, c = cpp.all_reduce_(base.clone()), py.all_reduce_(base.clone()), base.clone()
         dist.all_reduce(c)
         assert torch.equal(a, b), f"{label}: the C++ and Python transports disagree"
+        assert torch.equal(a, cpp_big.all_reduce_(base.clone())), f"{label}: chunked and one-piece sums disagree"
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
         k = max(5, iters // 10) if n > 1 << 20 else iters
         reset = lambda: x.copy_(base)  # noqa: E731 -- the sum is in place: each call gets the same input
         row = {"size": label, "bytes": n * 4, "iters": k}
-        peers = {"cpp": lambda: cpp.all_reduce_(x), "python": lambda: py.all_reduce_(x),
-                 "gloo": lambda: dist.all_reduce(x)}
+        peers = {"cpp": lambda: cpp.all_reduce_(x), "cpp_32m_slot": lambda: cpp_big.all_reduce_(x),
+                 "python": lambda: py.all_reduce_(x), "gloo": lambda: dist.all_reduce(x)}
         for name, (med, lo) in timed(peers, k, 3, reset).items():
             row[name + "_median_us"], row[name + "_min_us"] = med * 1e6, lo * 1e6
         rows.append(row)
@@ -128,10 +131,13 @@ def main() -> int:
 
     if rank == 0:
         print(f"same-host all-reduce, float32, world {world}, median (min) us per call; ratio = peer / cpp")
-        print(f"{'size':>8} {'cpp':>18} {'python':>18} {'gloo':>18} {'python/cpp':>11} {'gloo/cpp':>9}")
+        print("(cpp: 4 MiB slots, 32 MB in 8 pieces; cpp 32M slot: one piece; python: 32 MiB slot)")
+        print(f"{'size':>8} {'cpp':>18} {'cpp 32M slot':>18} {'python':>18} {'gloo':>18} {'python/cpp':>11} "
+              f"{'gloo/cpp':>9}")
         for r_ in rows:
-            cells = [f"{r_[p + '_median_us']:9.1f} ({r_[p + '_min_us']:7.1f})" for p in ("cpp", "python", "gloo")]
-            print(f"{r_['size']:>8} {cells[0]:>18} {cells[1]:>18} {cells[2]:>18} "
+            cells = [f"{r_[p + '_median_us']:9.1f} ({r_[p + '_min_us']:7.1f})"
+                     for p in ("cpp", "cpp_32m_slot", "python", "gloo")]
+            print(f"{r_['size']:>8} {cells[0]:>18} {cells[1]:>18} {cells[2]:>18} {cells[3]:>18} "
                   f"{r_['python_median_us'] / r_['cpp_median_us']:10.2f}x {r_['gloo_median_us'] / r_['cpp_median_us']:8.2f}x")
         print()
         print("fused all-reduce + residual + RMSNorm vs x + r, C++ all-reduce, composite RMSNorm (float32)")

@@ -20,9 +20,11 @@
 //     read[r] = seq                     (release)   // our reads happen before anyone reuses the set
 //
 // The release store / acquire load pairs order the data with its flag on any architecture
-// (the Python fallback relies on x86-64's store ordering instead).  A wait spins briefly, then
+// (the Python fallback relies on x86-64's store ordering instead).  A wait spins for 50 us, then
 // yields (ranks may outnumber cores), and raises `Timeout` naming the late ranks after
-// timeout_s; the GIL is released while a rank waits or copies.
+// timeout_s; the GIL is released while a rank waits or copies.  An all-reduce larger than a
+// slot goes through the slots in pieces, pipelined over the two sets (piece k + 1 is posted
+// before piece k is summed).
 //
 // Half types (bfloat16, float16) are summed in float and rounded once per element.
 #include <pybind11/pybind11.h>
@@ -252,6 +254,16 @@ void norm_row_half(const std::vector<const char*>& parts, int64_t off, const uin
   }
 }
 
+constexpr double kSpinSeconds = 50e-6;  // how long a wait spins before it starts yielding the core
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
 double now_s() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -288,14 +300,21 @@ class Transport {
     const int64_t per = slot_bytes_ / es;
     char* data = reinterpret_cast<char*>(ptr);
     py::gil_scoped_release nogil;
-    int64_t pieces = 0;
-    for (int64_t off = 0; off < numel || (numel == 0 && pieces == 0); off += per) {
-      const int64_t n = std::min(per, numel - off);
-      const int64_t s = publish(data + off * es, n * es);
-      const auto parts = slot_set(s);
-      sum_dispatch(data + off * es, parts, 0, n, dtype);
+    const int64_t pieces = numel == 0 ? 1 : (numel + per - 1) / per;
+    // pipelined over the two sets of slots: piece k + 1 is published (into the other set) before
+    // piece k is summed, so a rank copies while the others catch up instead of waiting once per piece
+    auto start = [&](int64_t k) {
+      const int64_t off = k * per, n = std::min(per, numel - off);
+      return post(data + off * es, n * es);
+    };
+    int64_t s = start(0);
+    for (int64_t k = 0; k < pieces; ++k) {
+      const int64_t next = k + 1 < pieces ? start(k + 1) : 0;
+      wait_all(written(), s, s);
+      const int64_t off = k * per, n = std::min(per, numel - off);
+      sum_dispatch(data + off * es, slot_set(s), 0, n, dtype);
       done(s);
-      ++pieces;
+      s = next;
     }
     return pieces;
   }
@@ -411,15 +430,23 @@ class Transport {
     return true;
   }
 
-  void wait_all(int64_t* row, int64_t target) {
+  // wait until row[*] >= target, for collective #collective (named in the timeout's message)
+  void wait_all(int64_t* row, int64_t target, int64_t collective) {
     if (all_at_least(row, target)) return;
-    double start = -1.0;
+    const double start = now_s();
+    bool yielding = false;
     for (uint64_t spins = 1;; ++spins) {
       if (all_at_least(row, target)) return;
-      if (spins > 64) sched_yield();  // ranks may outnumber cores: let the one we wait for run
-      if (spins % 256 == 0) {
+      // spin a little first (a peer on another core is about to arrive); then yield, since ranks
+      // may outnumber free cores and the one we wait for needs ours to run
+      if (yielding) {
+        sched_yield();
+      } else {
+        cpu_relax();
+      }
+      if (spins % 64 == 0) {
         const double t = now_s();
-        if (start < 0) start = t;
+        yielding = yielding || t - start > kSpinSeconds;
         if (t - start > timeout_s_) {
           std::ostringstream late;
           late << "[";
@@ -431,7 +458,7 @@ class Transport {
             }
           late << "]";
           std::ostringstream msg;
-          msg << "autotp same-host collective #" << seq_ << " on rank " << rank_ << " of " << world_
+          msg << "autotp same-host collective #" << collective << " on rank " << rank_ << " of " << world_
               << ": rank(s) " << late.str() << " did not arrive within " << timeout_s_
               << " s (did a rank die, stall, or take another code path?)";
           throw Timeout(msg.str());
@@ -447,12 +474,24 @@ class Transport {
   // fill(this rank's slot), then publish it; returns the collective's sequence number
   template <typename Fill>
   int64_t publish_with(Fill&& fill) {
+    const int64_t s = post_with(fill);
+    wait_all(written(), s, s);
+    return s;
+  }
+
+  // the first half of publish: fill this rank's slot of the next set and raise its flag, without
+  // waiting for the others' (the caller does, before it reads their slots)
+  template <typename Fill>
+  int64_t post_with(Fill&& fill) {
     const int64_t s = ++seq_;
-    wait_all(read(), s - 2);  // nobody still reads this set of slots
+    wait_all(read(), s - 2, s);  // nobody still reads this set of slots
     fill(slot(s % 2, rank_));
     __atomic_store_n(written() + rank_, s, __ATOMIC_RELEASE);
-    wait_all(written(), s);
     return s;
+  }
+
+  int64_t post(const char* src, int64_t nbytes) {
+    return post_with([&](char* dst) { std::memcpy(dst, src, nbytes); });
   }
 
   void done(int64_t s) { __atomic_store_n(read() + rank_, s, __ATOMIC_RELEASE); }
