@@ -161,7 +161,9 @@ class SameHostComm:
         return x.device.type == "cpu" and x.numel() * x.element_size() <= self.slot_bytes
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place (falls back to the process group when too large)."""
+        """Sum ``x`` over the ranks, in place.  The C++ transport sends a message larger than a slot
+        through the slots in pieces; the Python one, and any dtype other than float32/64, bfloat16,
+        float16, int32, int64 on the C++ one, goes through the process group (``counts["fallback"]``)."""
         if self._cpp is not None and x.device.type == "cpu" and (code := _dtype_code(self._ext, x.dtype)) is not None:
             # any size: the C++ transport sends a message larger than a slot in pieces
             out = x if x.is_contiguous() else x.contiguous()
