@@ -13,6 +13,7 @@ finders are part of the analysis (``autotp/analyze.py``), not passes.
 from .base import LoweringContext, PassError, PassResult, run_passes
 from .checkpoint_blocks import checkpoint_blocks
 from .drop_metadata_asserts import drop_metadata_asserts
+from .fuse_allreduce_norm import fuse_allreduce_norm
 from .fuse_column_backward import fuse_column_backward
 from .fuse_kernels import fuse_kernels
 from .insert_redistributions import insert_redistributions
@@ -27,5 +28,6 @@ from .shard_parameters import shard_parameters
 __all__ = [
     "LoweringContext", "PassError", "PassResult", "run_passes", "drop_metadata_asserts", "insert_redistributions",
     "localize_shapes", "lower_vocab_embedding", "lower_vocab_cross_entropy", "lower_dropout",
-    "checkpoint_blocks", "fuse_column_backward", "fuse_kernels", "shard_parameters", "retarget_device", "scale_partial_means",
+    "checkpoint_blocks", "fuse_allreduce_norm", "fuse_column_backward", "fuse_kernels", "shard_parameters", "retarget_device",
+    "scale_partial_means",
 ]
