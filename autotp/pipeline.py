@@ -46,8 +46,8 @@ SAME_HOST_TIMEOUT_S = 60.0  # the same-host transport's wait when ShardConfig.ti
 
 # The lowering passes in the order they run: shapes and collectives first (they read the
 # graph as analyzed), then the ops that become modules and the kernel epilogues, then the
-# parameters; last, the
-# fusion of an all-reduce with the norm after it (it reads the finished collectives).
+# parameters; last, the fusion of an all-reduce with the norm after it (it reads the
+# finished collectives).
 LOWERING = [P.drop_metadata_asserts, P.localize_shapes, P.insert_redistributions, P.scale_partial_means,
             P.lower_vocab_embedding, P.lower_vocab_cross_entropy, P.lower_dropout, P.fuse_column_backward,
             P.fuse_kernels, P.shard_parameters, P.retarget_device, P.fuse_allreduce_norm]
