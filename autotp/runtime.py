@@ -82,11 +82,13 @@ class Communicator:
         self.name = _register(self)
         self.issued = 0  # c10d collectives issued (their number in errors)
         self._wait_timeout = None  # decided on the first wait: the backend is known by then
+        self._backend_name = None  # read on the first gather
 
-    def wait(self, work, op: str, x: torch.Tensor) -> None:
+    def wait(self, work, op: str, x: torch.Tensor, count: bool = True) -> None:
         """Wait for an async c10d ``work`` (``op`` on ``x``); a failure or a timeout becomes a
-        ``CollectiveError`` naming it.  Nothing is formatted unless it fails."""
-        self.issued += 1
+        ``CollectiveError`` naming it.  Nothing is formatted unless it fails.  ``count=False``:
+        another part of a collective already counted (the sends and receives of one gather)."""
+        self.issued += count
         if self._wait_timeout is None:
             gloo = self.timeout_s is not None and dist.get_backend(self.group) == "gloo"
             self._wait_timeout = (datetime.timedelta(seconds=self.timeout_s),) if gloo else ()
@@ -119,6 +121,55 @@ class Communicator:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         self.wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True), "all_gather", x)
         return parts
+
+    def gather_to(self, x: torch.Tensor, place, slab=None) -> None:
+        """All-gather ``x`` without a list of parts: ``place(r, part)`` writes rank ``r``'s part where
+        it belongs (the caller's output layout), and ``slab(r)``, when given and not ``None``, is a
+        contiguous view of that output a part can be received into directly (no copy at all).
+
+        gloo on CPU: every rank sends ``x`` to each peer and receives each peer's part (into its
+        slab, or into one part-sized buffer), and places its own part while the messages are in
+        flight.  NCCL: one ``all_gather_into_tensor`` into a flat buffer, then ``place`` per rank.
+        Elsewhere (gloo with CUDA tensors, other backends): the list ``all_gather``.  One
+        collective in ``issued`` whatever the route."""
+        x = x.contiguous()
+        backend = self._backend()
+        if backend == "gloo" and x.device.type == "cpu":
+            peers = [(self.rank + k) % self.world_size for k in range(1, self.world_size)]
+            glob = (lambda r: r) if self.group is None else (lambda r: dist.get_global_rank(self.group, r))
+            recvs, sends = [], []
+            for r in peers:  # post every receive and send before placing anything
+                dst = slab(r) if slab is not None else None
+                direct = dst is not None
+                if not direct:
+                    dst = torch.empty_like(x)
+                recvs.append((r, dst, direct, dist.irecv(dst, glob(r), group=self.group)))
+                sends.append(dist.isend(x, glob(r), group=self.group))
+            own = slab(self.rank) if slab is not None else None
+            if own is not None:
+                own.copy_(x)
+            else:
+                place(self.rank, x)
+            for i, (r, dst, direct, work) in enumerate(recvs):
+                self.wait(work, "all_gather", x, count=i == 0)
+                if not direct:
+                    place(r, dst)
+            for work in sends:
+                self.wait(work, "all_gather", x, count=not recvs)
+            return
+        if backend == "nccl":
+            flat = x.new_empty(self.world_size * x.numel())
+            self.wait(dist.all_gather_into_tensor(flat, x.view(-1), group=self.group, async_op=True), "all_gather", x)
+            for r, part in enumerate(flat.view((self.world_size,) + tuple(x.shape)).unbind(0)):
+                place(r, part)
+            return
+        for r, part in enumerate(self.all_gather(x)):
+            place(r, part)
+
+    def _backend(self) -> str:
+        if self._backend_name is None:  # fixed for the group's life
+            self._backend_name = dist.get_backend(self.group)
+        return self._backend_name
 
     def __repr__(self) -> str:
         return f"Communicator(world_size={self.world_size}, same_host={self.same_host is not None})"

@@ -54,18 +54,50 @@ def communicator(name: str):
 
 
 def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> torch.Tensor:
-    """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout (padding trimmed)."""
+    """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout (padding trimmed).
+
+    Each part is written straight into one output tensor (no list of parts, no ``cat``): from
+    shared memory with the same-host transport, else as the process group delivers it
+    (``Communicator.gather_to``); where a rank's whole part is one contiguous stretch of the
+    output (``dim`` the outermost non-trivial dim, ``chunks == 1``) it is received there directly."""
     if comm.same_host is not None:  # straight into the layout from shared memory
         out = comm.same_host.gather_into(x, dim, chunks, global_size)
         if out is not None:
             return out
-    parts = comm.all_gather(x)
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = global_size
+    out = x.new_empty(shape)
+    world = comm.world_size
     if chunks == 1:
-        full = torch.cat(parts, dim=dim)
-        return full.narrow(dim, 0, global_size) if full.shape[dim] != global_size else full
+        def take(r):  # how many of rank r's rows survive the trim of the padding
+            return max(0, min(n, global_size - r * n))
+
+        def place(r, part):
+            if take(r):
+                out.narrow(dim, r * n, take(r)).copy_(part.narrow(dim, 0, take(r)))
+
+        def slab(r):
+            if take(r) != n:
+                return None
+            view = out.narrow(dim, r * n, n)
+            return view if view.is_contiguous() else None
+
+        comm.gather_to(x, place, slab)
+        return out
     # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
-    pieces = [p.chunk(chunks, dim=dim) for p in parts]
-    return torch.cat([pieces[r][c] for c in range(chunks) for r in range(comm.world_size)], dim=dim)
+    if world * n != global_size:
+        raise ValueError(f"gather of {chunks} chunks needs an unpadded dim: {world} x {n} != {global_size}")
+    block = n // chunks
+    lead, trail = shape[:dim], shape[dim + 1:]
+    grid = out.view(*lead, chunks, world, block, *trail)  # [..., chunk, rank, block, ...]
+
+    def place_chunks(r, part):
+        grid.select(dim + 1, r).copy_(part.view(*lead, chunks, block, *trail))
+
+    comm.gather_to(x, place_chunks)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)
