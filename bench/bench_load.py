@@ -103,6 +103,9 @@ def run(a) -> dict:
 
     import harness as H
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     pre = H.preset(a.preset)
     if a.small:
         pre = dataclasses.replace(pre, layers=4)

@@ -82,13 +82,13 @@ def add_args(p):
 def settle_args(a):
     if a.small:
         a.presets, a.batch, a.iters, a.warmup = "gpt2-tiny,llama-tiny", "2x32", 3, 1
-        a.mem_shape_list = "2x64" if a.mem_shape_list is None else a.mem_shape_list
-    if a.mem_shape_list is None:
-        a.mem_shape_list = "4x128,8x512"
+        a.mem_shapes = "2x64" if a.mem_shapes is None else a.mem_shapes
+    if a.mem_shapes is None:
+        a.mem_shapes = "4x128,8x512"
     a.models = [m.strip() for m in a.presets.split(",") if m.strip()]
     (a.batch_size, a.seq), = H.parse_shapes(a.batch)
-    a.peer_list = [m.strip() for m in a.peer_list.split(",") if m.strip()]
-    a.mem_shape_list = H.parse_shapes(a.mem_shape_list)
+    a.peer_list = [m.strip() for m in a.peers.split(",") if m.strip()]
+    a.mem_shape_list = H.parse_shapes(a.mem_shapes)
     return a
 
 
@@ -470,10 +470,10 @@ def report_text(a, descs, rows, mem_rows):
                  "traj = max of that over all steps;")
         L.append("   MiB = parameter bytes per rank (Adam state and gradients add 3x that); compile = wall of "
                  "autotp.shard (max over ranks)")
-        L.append(f"   {'model':6} {'peer':{W}} {'step':>8} {'min':>8} {'spread':>6} {'fwd':>7} {'bwd':>7} {'opt':>7} "
+        L.append(f"   {'model':10} {'peer':{W}} {'step':>8} {'min':>8} {'spread':>6} {'fwd':>7} {'bwd':>7} {'opt':>7} "
                  f"{'loss0':>8} {'traj':>8} {'MiB':>5}  note")
         for r in rows:
-            line = f"   {r.model:6} {r.name:{W}}"
+            line = f"   {r.model:10} {r.name:{W}}"
             if r.error and not r.times:
                 line += f" FAILED: {r.error}"
             else:
@@ -494,12 +494,12 @@ def report_text(a, descs, rows, mem_rows):
             grp = [r for r in rows if r.model == kind]
             at = next((r for r in grp if r.name.startswith("autotp")), None)
             if at is None or not at.times:
-                L.append(f"   {kind:6} autotp did not run")
+                L.append(f"   {kind:10} autotp did not run")
                 continue
             for r in grp:
                 if r is at:
                     continue
-                line = f"   {kind:6} autotp / {r.name:{W}}"
+                line = f"   {kind:10} autotp / {r.name:{W}}"
                 if not r.times:
                     line += " n/a (peer failed)"
                 else:
