@@ -58,8 +58,7 @@ def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> to
 
     Each part is written straight into one output tensor (no list of parts, no ``cat``): from
     shared memory with the same-host transport, else as the process group delivers it
-    (``Communicator.gather_to``); where a rank's whole part is one contiguous stretch of the
-    output (``dim`` the outermost non-trivial dim, ``chunks == 1``) it is received there directly."""
+    (``Communicator.gather_to``: this rank's own part is copied while the others are in flight)."""
     if comm.same_host is not None:  # straight into the layout from shared memory
         out = comm.same_host.gather_into(x, dim, chunks, global_size)
         if out is not None:
@@ -78,13 +77,7 @@ def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> to
             if take(r):
                 out.narrow(dim, r * n, take(r)).copy_(part.narrow(dim, 0, take(r)))
 
-        def slab(r):
-            if take(r) != n:
-                return None
-            view = out.narrow(dim, r * n, n)
-            return view if view.is_contiguous() else None
-
-        comm.gather_to(x, place, slab)
+        comm.gather_to(x, place)
         return out
     # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
     if world * n != global_size:
