@@ -82,7 +82,7 @@ class Communicator:
         self.name = _register(self)
         self.issued = 0  # c10d collectives issued (their number in errors)
         self._wait_timeout = None  # decided on the first wait: the backend is known by then
-        self._backend_name = None  # read on the first gather
+        self._backend_name = None  # read on the first all_gather_into
 
     def wait(self, work, op: str, x: torch.Tensor) -> None:
         """Wait for an async c10d ``work`` (``op`` on ``x``); a failure or a timeout becomes a
@@ -121,42 +121,19 @@ class Communicator:
         self.wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True), "all_gather", x)
         return parts
 
-    def gather_to(self, x: torch.Tensor, place) -> None:
-        """All-gather ``x`` without a list of parts: ``place(r, part)`` writes rank ``r``'s part where it
-        belongs (the caller's output layout).  One c10d collective whatever the route.
-
-        gloo on CPU: one ``all_to_all_single`` in which this rank sends ``x`` to each peer and sends
-        itself nothing (its split is empty), so the only buffer is the peers' parts, and ``x`` itself
-        is the input at world size 2; this rank's own part is placed while the messages are in
-        flight.  (gloo's all-gather copies the input into a flat ``world``-sized buffer, sends, and
-        copies the result out to the parts: about twice as long for a ``[4, 128, 8192]`` fp32 logits
-        shard on a 2-core host.)  NCCL: one ``all_gather_into_tensor`` into a flat buffer.  Elsewhere
-        (gloo with CUDA tensors, other backends): the list ``all_gather``."""
+    def all_gather_into(self, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        """Every rank's ``x`` written into ``outs[r]`` (each of ``x``'s shape), in rank order: no list of
+        parts, no ``cat``.  On gloo CPU ranks ``outs`` may be strided views of one output tensor: gloo's
+        all-gather copies each rank's part straight into them.  With the same-host transport a
+        message that fits a slot goes through shared memory; elsewhere (NCCL, gloo with CUDA
+        tensors) the parts are gathered into their own tensors and copied into ``outs``."""
         x = x.contiguous()
-        backend = self._backend()
-        world, rank, n = self.world_size, self.rank, x.numel()
-        if backend == "gloo" and x.device.type == "cpu":
-            peers = world - 1
-            send = x.view(-1) if peers == 1 else x.view(1, -1).expand(peers, n).reshape(-1)
-            recv = x.new_empty(peers * n)
-            splits = [0 if r == rank else n for r in range(world)]
-            work = dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits,
-                                          group=self.group, async_op=True)
-            place(rank, x)
-            self.wait(work, "all_gather", x)
-            parts = iter(recv.view(peers, *x.shape).unbind(0))  # the peers' parts, in rank order
-            for r in range(world):
-                if r != rank:
-                    place(r, next(parts))
+        small = self.same_host is not None and self.same_host.fits(x)
+        if not small and x.device.type == "cpu" and self._backend() == "gloo":
+            self.wait(dist.all_gather(outs, x, group=self.group, async_op=True), "all_gather", x)
             return
-        if backend == "nccl":
-            flat = x.new_empty(world * n)
-            self.wait(dist.all_gather_into_tensor(flat, x.view(-1), group=self.group, async_op=True), "all_gather", x)
-            for r, part in enumerate(flat.view((world,) + tuple(x.shape)).unbind(0)):
-                place(r, part)
-            return
-        for r, part in enumerate(self.all_gather(x)):
-            place(r, part)
+        for out, part in zip(outs, self.all_gather(x)):
+            out.copy_(part)
 
     def _backend(self) -> str:
         if self._backend_name is None:  # fixed for the group's life

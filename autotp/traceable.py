@@ -56,40 +56,30 @@ def communicator(name: str):
 def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> torch.Tensor:
     """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout (padding trimmed).
 
-    Each part is written straight into one output tensor (no list of parts, no ``cat``): from
-    shared memory with the same-host transport, else as the process group delivers it
-    (``Communicator.gather_to``: this rank's own part is copied while the others are in flight)."""
+    The parts are written straight into one output tensor, never into a list of parts joined by
+    ``cat``: from shared memory with the same-host transport, else by the process group into views
+    of the output (``Communicator.all_gather_into``)."""
     if comm.same_host is not None:  # straight into the layout from shared memory
         out = comm.same_host.gather_into(x, dim, chunks, global_size)
         if out is not None:
             return out
     dim = dim % x.dim()
-    n = x.shape[dim]
+    n, world = x.shape[dim], comm.world_size
     shape = list(x.shape)
+    if chunks == 1:
+        shape[dim] = world * n  # padded; the padding is trimmed by the narrow below
+        out = x.new_empty(shape)
+        comm.all_gather_into(x, [out.narrow(dim, r * n, n) for r in range(world)])
+        return out.narrow(dim, 0, global_size) if world * n != global_size else out
+    # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major: rank r's part is
+    # no single view of the output, so it is gathered whole and its blocks copied into place (no cat)
     shape[dim] = global_size
     out = x.new_empty(shape)
-    world = comm.world_size
-    if chunks == 1:
-        def take(r):  # how many of rank r's rows survive the trim of the padding
-            return max(0, min(n, global_size - r * n))
-
-        def place(r, part):
-            if take(r):
-                out.narrow(dim, r * n, take(r)).copy_(part.narrow(dim, 0, take(r)))
-
-        comm.gather_to(x, place)
-        return out
-    # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
-    if world * n != global_size:
-        raise ValueError(f"gather of {chunks} chunks needs an unpadded dim: {world} x {n} != {global_size}")
     block = n // chunks
     lead, trail = shape[:dim], shape[dim + 1:]
     grid = out.view(*lead, chunks, world, block, *trail)  # [..., chunk, rank, block, ...]
-
-    def place_chunks(r, part):
+    for r, part in enumerate(comm.all_gather(x)):
         grid.select(dim + 1, r).copy_(part.view(*lead, chunks, block, *trail))
-
-    comm.gather_to(x, place_chunks)
     return out
 
 

@@ -14,10 +14,9 @@ the same seeded token ids on every rank.  Peers (``--peers``, all by default):
 * ``limit``: the serial limit, the sum per round of three rows measured in the same rounds:
   ``half width`` (the eager model with heads, KV heads, MLP and vocab divided by the world size: one
   rank's compute, no communication), ``all-reduces`` (as many gloo all-reduces of ``[B, S, hidden]``
-  fp32 as autotp's plan issues in a forward) and ``logits gather`` (the bare exchange of the
-  ``[B, S, V / world]`` local logits: one gloo ``all_to_all_single`` that sends them to every peer and
-  receives theirs into a preallocated buffer, nothing placed in an output layout; on gloo CPU ranks this
-  is about half the time of ``all_gather_into_tensor``, so the limit is the tighter one).
+  fp32 as autotp's plan issues in a forward) and ``logits gather`` (one bare gloo
+  ``all_gather_into_tensor`` of the ``[B, S, V / world]`` local logits into a preallocated flat buffer,
+  nothing placed in an output layout).
 
 Every sharded peer's logits are compared with the unsharded model's (max |diff| over shapes and
 ranks) so a wrong result cannot look fast.  Peers are timed round-robin (``harness.time_round_robin``);
@@ -202,18 +201,16 @@ def _limit_peers(a, p, ref, shapes, inputs, kw, world, n_reduces):
             half.fns[s] = (lambda m, ids: lambda: m(ids, **kw))(m, ids)
             act = torch.randn(*s, p.hidden)
             local = torch.randn(*s, -(-p.vocab // world))
-            recv = local.new_empty((world - 1) * local.numel())
-            splits = [0 if r == H.RANK else local.numel() for r in range(world)]
+            flat = local.new_empty(world * local.numel())
 
             def all_reduces(act=act):
                 for _ in range(n):
                     if world > 1:
                         dist.all_reduce(act)
 
-            def bare_gather(local=local, recv=recv, splits=splits):
-                if world > 1:  # every peer's part received, nothing sent to oneself, nothing placed
-                    send = local.view(1, -1).expand(world - 1, -1).reshape(-1)
-                    dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits)
+            def bare_gather(local=local, flat=flat):
+                if world > 1:  # the plan's collective on a preallocated flat buffer, nothing placed
+                    dist.all_gather_into_tensor(flat, local.view(-1))
 
             reduces.fns[s], gather.fns[s] = all_reduces, bare_gather
         with torch.no_grad():

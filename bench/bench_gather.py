@@ -6,11 +6,14 @@ Each rank holds a seeded ``[B, S, V / world]`` fp32 shard (the local logits of a
 gathers ``[B, S, V]`` on the last dim.  Peers, timed round-robin (``harness.time_round_robin``):
 
 * ``autotp``: ``autotp.traceable.gather`` on a plain ``Communicator`` (what a sharded model's ``AllGather``
-  runs on gloo ranks: one ``all_to_all_single``, each part placed straight into the output layout);
+  runs on gloo ranks: one list ``all_gather`` whose outputs are views of the ``[B, S, V]`` result, so gloo
+  writes each part straight into the layout);
 * ``list all_gather + cat``: a list ``dist.all_gather`` into one tensor per rank, then ``torch.cat`` (what
   autotp ran before, and what most code writes);
 * ``bare all_gather_into_tensor``: gloo's flat all-gather of the shard, no output layout;
-* ``bare all_to_all exchange``: the shard sent to every peer, theirs received, nothing placed.
+* ``bare all_to_all exchange``: one ``all_to_all_single`` with an empty split for oneself: the shard sent to
+  every peer, theirs received, nothing placed (not what autotp runs: the plan's collective is an all-gather,
+  and the tests hold the runtime to it; shown for what the transport could do).
 
 The first two return the gathered logits, compared for equality; the bare ones only move the bytes.
 """

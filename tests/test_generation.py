@@ -77,10 +77,7 @@ def _case(rank, world, build_name):
             full, local = ref_cache.layers[0].keys, tp_cache.layers[0].keys
             with CommDebugMode() as comm:  # one decode step
                 tp(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1), cache=tp_cache)
-    # c10d op -> the plan's collective; on gloo CPU ranks a gather is one all_to_all_single
-    # (autotp.runtime.Communicator.gather_to: each rank's part to every peer, nothing to itself)
-    names = {"allreduce_": "all_reduce", "allgather_": "all_gather", "_allgather_base_": "all_gather",
-             "alltoall_base_": "all_gather"}
+    names = {"allreduce_": "all_reduce", "allgather_": "all_gather", "_allgather_base_": "all_gather"}
     counts = {}
     for k, v in comm.get_comm_counts().items():
         name = str(k).split(".")[-1]
