@@ -83,6 +83,7 @@ class Communicator:
         self.name = _register(self)
         self.issued = 0  # c10d collectives issued (their number in errors)
         self._wait_timeout = None  # decided on the first wait: the backend is known by then
+        self._backend_name = None  # read on the first all_gather_into
 
     def wait(self, work, op: str, x: torch.Tensor) -> None:
         """Wait for an async c10d ``work`` (``op`` on ``x``); a failure or a timeout becomes a
@@ -120,6 +121,25 @@ class Communicator:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         self.wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True), "all_gather", x)
         return parts
+
+    def all_gather_into(self, x: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        """Every rank's ``x`` written into ``outs[r]`` (each of ``x``'s shape), in rank order: no list of
+        parts, no ``cat``.  On gloo CPU ranks ``outs`` may be strided views of one output tensor: gloo's
+        all-gather copies each rank's part straight into them.  With the same-host transport a
+        message that fits a slot goes through shared memory; elsewhere (NCCL, gloo with CUDA
+        tensors) the parts are gathered into their own tensors and copied into ``outs``."""
+        x = x.contiguous()
+        small = self.same_host is not None and self.same_host.fits(x)
+        if not small and x.device.type == "cpu" and self._backend() == "gloo":
+            self.wait(dist.all_gather(outs, x, group=self.group, async_op=True), "all_gather", x)
+            return
+        for out, part in zip(outs, self.all_gather(x)):
+            out.copy_(part)
+
+    def _backend(self) -> str:
+        if self._backend_name is None:  # fixed for the group's life
+            self._backend_name = dist.get_backend(self.group)
+        return self._backend_name
 
     def __repr__(self) -> str:
         return f"Communicator(world_size={self.world_size}, same_host={self.same_host is not None})"

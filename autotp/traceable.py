@@ -54,18 +54,33 @@ def communicator(name: str):
 
 
 def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> torch.Tensor:
-    """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout (padding trimmed)."""
+    """Rank-ordered all-gather of ``Shard(dim, chunks)`` pieces into the global layout (padding trimmed).
+
+    The parts are written straight into one output tensor, never into a list of parts joined by
+    ``cat``: from shared memory with the same-host transport, else by the process group into views
+    of the output (``Communicator.all_gather_into``)."""
     if comm.same_host is not None:  # straight into the layout from shared memory
         out = comm.same_host.gather_into(x, dim, chunks, global_size)
         if out is not None:
             return out
-    parts = comm.all_gather(x)
+    dim = dim % x.dim()
+    n, world = x.shape[dim], comm.world_size
+    shape = list(x.shape)
     if chunks == 1:
-        full = torch.cat(parts, dim=dim)
-        return full.narrow(dim, 0, global_size) if full.shape[dim] != global_size else full
-    # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major
-    pieces = [p.chunk(chunks, dim=dim) for p in parts]
-    return torch.cat([pieces[r][c] for c in range(chunks) for r in range(comm.world_size)], dim=dim)
+        shape[dim] = world * n  # padded; the padding is trimmed by the narrow below
+        out = x.new_empty(shape)
+        comm.all_gather_into(x, [out.narrow(dim, r * n, n) for r in range(world)])
+        return out.narrow(dim, 0, global_size) if world * n != global_size else out
+    # each part is [chunk0 block, chunk1 block, ...]; the global layout is chunk-major: rank r's part is
+    # no single view of the output, so it is gathered whole and its blocks copied into place (no cat)
+    shape[dim] = global_size
+    out = x.new_empty(shape)
+    block = n // chunks
+    lead, trail = shape[:dim], shape[dim + 1:]
+    grid = out.view(*lead, chunks, world, block, *trail)  # [..., chunk, rank, block, ...]
+    for r, part in enumerate(comm.all_gather(x)):
+        grid.select(dim + 1, r).copy_(part.view(*lead, chunks, block, *trail))
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

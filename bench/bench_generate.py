@@ -1,12 +1,12 @@
-"""generate() throughput: autotp vs Hugging Face tp_plan="auto" vs the unsharded model.
+"""generate: generate() throughput of autotp vs Hugging Face tp_plan="auto" vs the unsharded model.
 
-Run (2 CPU ranks, gloo, one thread per rank)::
+Run (ranks spawned by the harness, gloo, one thread per rank)::
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/bench_generate.py            # ~5-8 min on 2 cores
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/bench_generate.py --small    # smoke test
+    python bench/harness.py generate --preset llama-12x768 --world-sizes 2    # ~5-8 min on 2 cores
+    python bench/harness.py generate --world-sizes 2 --small                  # smoke test (llama-tiny)
 
-A LlamaForCausalLM with random weights (config defaults: 12 layers, hidden 768, 12 heads, 4 KV heads,
-MLP 2048, vocab 32000; Llama because HF's tp_plan needs a model that has one -- GPT-2 has none), fp32,
+A LlamaForCausalLM preset with random weights (default ``llama-12x768``: 12 layers, hidden 768, 12 heads, 4 KV
+heads, MLP 2048, vocab 32000; Llama because HF's tp_plan needs a model that has one -- GPT-2 has none), fp32,
 greedy ``generate`` of exactly ``--new`` tokens (``min_new_tokens = max_new_tokens``) after a
 ``--prompt``-token prompt, at batch 1 and batch 8, ``torch.no_grad()``:
 
@@ -15,81 +15,52 @@ greedy ``generate`` of exactly ``--new`` tokens (``min_new_tokens = max_new_toke
   and all-gather between the ranks of this host; its own process group, so the two do not mix);
 * HF: ``from_pretrained(path, tp_plan="auto")`` of the same weights saved to a temporary directory;
 * unsharded: every rank runs the whole model at the same time, one thread each (rank 0 reported);
-* half width (world size 2): the model with half the heads, MLP and vocab -- one rank's compute with
+* half width (``harness.Preset.half_width``): heads, MLP and vocab divided by the world size -- one rank's compute with
   no communication, autotp's per-rank limit (other weights: its tokens are not compared).
 
 Each peer's tokens are compared with the unsharded model's, so a wrong result cannot look fast.
 Peers are timed round-robin (each runs each batch once per round, order rotated).  The report is
-new tokens per second (median over rounds) and autotp / peer throughput ratios.
+new tokens per second (median over rounds, each call the max over ranks) and autotp / peer throughput ratios.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 
 import autotp
+import harness as H
 
 
-def parse_args():
-    p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=32000)
+def add_args(p):
+    p.add_argument("--preset", default="llama-12x768", help="a Llama preset of harness.PRESETS")
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--small", action="store_true", help="2 layers, hidden 128, 8 new tokens, 1 round")
+    p.add_argument("--small", action="store_true", help="preset llama-tiny, 8 new tokens, 1 round")
     p.add_argument("--compile", action="store_true",
                    help="also time 'autotp shm+compile': ShardConfig(compile=True), the steps under torch.compile")
-    a = p.parse_args()
+
+
+def run(a) -> dict:
     if a.small:
-        a.layers, a.hidden, a.heads, a.kv_heads, a.intermediate, a.vocab = 2, 128, 4, 2, 256, 1000
-        a.new, a.rounds = 8, 1
-    a.batches = [int(b) for b in a.batches.split(",")]
-    return a
-
-
-def main():
-    a = parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    load0 = os.getloadavg()[0]
-    cfg = transformers.LlamaConfig(num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
-                                   num_key_value_heads=a.kv_heads, intermediate_size=a.intermediate,
-                                   vocab_size=a.vocab, max_position_embeddings=a.prompt + a.new + 8)
-    torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(cfg).eval()
+        a.preset, a.new, a.rounds = "llama-tiny", 8, 1
+    batches = [int(b) for b in str(a.batches).split(",")]
+    rank, world = H.RANK, H.WORLD
+    pre = H.preset(a.preset)
+    positions = a.prompt + a.new + 8
+    ref = H.build(pre, max_positions=positions)
     g = torch.Generator().manual_seed(1)
-    inputs = {b: torch.randint(3, a.vocab, (b, a.prompt), generator=g) for b in a.batches}
+    inputs = {b: torch.randint(3, pre.vocab, (b, a.prompt), generator=g) for b in batches}
     kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0)
 
     peers = {"unsharded": ref}
-    if world == 2:  # one rank's compute, no communication: autotp's per-rank limit
-        torch.manual_seed(0)
-        peers["half width"] = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads // 2,
-            num_key_value_heads=max(1, a.kv_heads // 2), head_dim=a.hidden // a.heads,
-            intermediate_size=a.intermediate // 2, vocab_size=a.vocab // 2,
-            max_position_embeddings=a.prompt + a.new + 8)).eval()
+    if world > 1 and pre.kind == "llama":  # one rank's compute, no communication: autotp's per-rank limit
+        peers["half width"] = H.build(pre.half_width(world), max_positions=positions)
     t0 = time.perf_counter()
     peers["autotp"] = autotp.shard_for_generation(ref, world)
     compile_s = time.perf_counter() - t0
@@ -98,19 +69,12 @@ def main():
     if a.compile:
         peers["autotp shm+compile"] = autotp.shard_for_generation(ref, world, group=shm_group,
                                                                   same_host_collectives=True, compile=True)
-    path = [tempfile.mkdtemp(prefix="bench_gen_") if rank == 0 else None]
-    if rank == 0:
-        ref.save_pretrained(path[0])
-    dist.broadcast_object_list(path, src=0)
+    saved = H.SavedCheckpoint(ref)
     hf_error = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            peers["HF tp_plan"] = transformers.LlamaForCausalLM.from_pretrained(path[0], tp_plan="auto",
-                                                                               dtype=torch.float32).eval()
-        torch.set_num_threads(1)
+        peers["HF tp_plan"] = saved.hf_tp(type(ref), a.threads)
     except Exception as e:  # reported, not fatal
-        hf_error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        hf_error = H.short_err(e)
     dist.barrier()
 
     want, same = {}, {}
@@ -134,34 +98,37 @@ def main():
                     t = time.perf_counter()
                     peers[name].generate(input_ids=ids % peers[name].config.vocab_size, **kw)
                     times[(name, b)].append(time.perf_counter() - t)
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(path[0], ignore_errors=True)
-        tps = {(n, b): b * a.new / statistics.median(times[(n, b)]) for (n, b) in times}
-        print("=" * 100)
-        print(f"generate throughput, world size {world}, gloo, fp32, 1 thread per rank: LlamaForCausalLM "
-              f"{a.layers}x{a.hidden}, heads {a.heads} (KV {a.kv_heads}), MLP {a.intermediate}, vocab {a.vocab}; "
-              f"prompt {a.prompt}, {a.new} new tokens, greedy, median of {a.rounds} rounds")
-        print(f"autotp shard_for_generation: {compile_s:.1f} s (capture {peers['autotp'].autotp_steps.timings})")
-        if a.compile:
-            print(f"first generate calls (warm-up, all batches; the compiled peer compiles here): "
-                  f"autotp shm {warm['autotp shm']:.1f} s, autotp shm+compile {warm['autotp shm+compile']:.1f} s")
-        if hf_error:
-            print(f"HF tp_plan failed: {hf_error}")
-        print(f"{'peer':<20}" + "".join(f"{f'batch {b} tok/s':>18}" for b in inputs) + f"{'tokens = unsharded':>22}")
+    saved.close()
+    times = {k: H.max_over_ranks(v) for k, v in times.items()}  # each round's call: its slowest rank
+    if rank != 0:
+        return {}
+    tps = {(n, b): b * a.new / statistics.median(times[(n, b)]) for (n, b) in times}
+    L = ["=" * 100]
+    L.append(f"generate throughput, world size {world}, gloo, fp32, {a.threads} thread(s) per rank: {pre.describe()}; "
+             f"prompt {a.prompt}, {a.new} new tokens, greedy, median of {a.rounds} rounds")
+    L.append(f"autotp shard_for_generation: {compile_s:.1f} s (capture {peers['autotp'].autotp_steps.timings})")
+    if a.compile:
+        L.append(f"first generate calls (warm-up, all batches; the compiled peer compiles here): "
+                 f"autotp shm {warm['autotp shm']:.1f} s, autotp shm+compile {warm['autotp shm+compile']:.1f} s")
+    if hf_error:
+        L.append(f"HF tp_plan failed: {hf_error}")
+    body = [[n] + [f"{tps[(n, b)]:.1f}" for b in inputs] + [str(same[n]) if n != "half width" else "n/a"]
+            for n in peers]
+    L += H.table(["peer"] + [f"batch {b} tok/s" for b in inputs] + ["tokens = unsharded"], body, indent="")
+    for mine in [n for n in peers if n.startswith("autotp")]:
         for n in peers:
-            print(f"{n:<20}" + "".join(f"{tps[(n, b)]:>18.1f}" for b in inputs) + f"{str(same[n]) if n != 'half width' else 'n/a':>22}")
-        for mine in [n for n in peers if n.startswith("autotp")]:
-            for n in peers:
-                if not n.startswith("autotp"):
-                    ratios = "  ".join(f"batch {b}: {tps[(mine, b)] / tps[(n, b)]:.2f}x" for b in inputs)
-                    print(f"{mine} / {n}: {ratios}")
-        print(f"load average (1 min) start/end: {load0:.2f} / {os.getloadavg()[0]:.2f} (2 ranks alone give ~2)")
-        print(f"command: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc_per_node {world} "
-              + " ".join(sys.argv))
-        print("=" * 100)
-    dist.destroy_process_group()
+            if not n.startswith("autotp"):
+                rs = "  ".join(f"batch {b}: {tps[(mine, b)] / tps[(n, b)]:.2f}x" for b in inputs)
+                L.append(f"{mine} / {n}: {rs}")
+    L.append("=" * 100)
+    return {"text": "\n".join(L), "model": pre.describe(), "compile_s": compile_s, "hf_error": hf_error,
+            "rows": [{"peer": n, "batch": b, "tokens_per_s": tps[(n, b)], "seconds": times[(n, b)],
+                      "tokens_equal_unsharded": same[n] if n != "half width" else None} for (n, b) in times]}
+
+
+def report(a, results) -> str:
+    return "\n".join(r["text"] for r in results.values())
 
 
 if __name__ == "__main__":
-    main()
+    H.main(["generate"] + sys.argv[1:])

@@ -1,4 +1,5 @@
-"""Kernel micro-benchmarks: each csrc/ kernel against its composite twin, measured in the same run.
+"""Kernel micro-benchmarks with autograd: each csrc/ kernel against its composite twin, forward + backward,
+and the vocab-parallel cross-entropy's memory (forward-only cases: ``python bench/harness.py kernels``).
 
     OMP_NUM_THREADS=1 python bench/bench_kernels.py                 # the issue's sizes, ~1-2 min on 2 cores
     OMP_NUM_THREADS=1 python bench/bench_kernels.py --small --json out.json
@@ -7,11 +8,10 @@ Rows (fp32, CPU unless ``--device cuda``; times are medians of ``--iters`` inter
 
 * ``bias_gelu`` (tanh and erf forms) at ``[8, 1024, 3072]``: ``gelu(x + b)`` composite vs the fused kernel,
   forward, and forward + backward;
-* ``silu_mul`` at ``[8, 1024, 8192]``: ``silu(g) * u`` vs the kernel, forward;
+* ``silu_mul`` at ``[8, 1024, 8192]``: ``silu(g) * u`` vs the kernel, forward + backward;
 * ``vocab_cross_entropy`` at ``[8 x 1024, 50304 / 2]`` (one rank's shard at world size 2): loss + backward,
   time, and peak resident memory one step adds above the logits (gradient included; a fresh process each),
   composite vs fused;
-* ``masked_embedding`` of 8 x 1024 ids in a 25152-row shard of a 768-wide table, forward.
 
 Every row prints the ratio composite / fused (> 1: the kernel is faster or smaller).  The
 kernels must be compiled (``autotp.kernels.available()``); the script says so and exits 2
@@ -104,11 +104,22 @@ def bench_bias_gelu(small: bool, iters: int, device: str) -> list[dict]:
 
 
 def bench_silu_mul(small: bool, iters: int, device: str) -> list[dict]:
+    from autotp import ops
+
     shape = (2, 256, 8192) if small else (8, 1024, 8192)
-    gate, up = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    t = _median_ms({"composite": lambda: F.silu(gate) * up,
-                    "fused": lambda: torch.ops.autotp_kernels.silu_mul(gate, up)}, iters)
-    return [{"kernel": "silu_mul", "what": "forward", "shape": list(shape), "composite_ms": t["composite"],
+    gate = torch.randn(shape, device=device).requires_grad_()
+    up = torch.randn(shape, device=device).requires_grad_()
+    g = torch.randn(shape, device=device)
+
+    def both(fn):
+        def run():
+            fn(gate, up).backward(g)
+            gate.grad = up.grad = None
+        return run
+
+    t = _median_ms({"composite": both(ops.silu_mul_composite), "fused": both(torch.ops.autotp_kernels.silu_mul)},
+                   iters)
+    return [{"kernel": "silu_mul", "what": "forward+backward", "shape": list(shape), "composite_ms": t["composite"],
              "fused_ms": t["fused"], "ratio": t["composite"] / t["fused"]}]
 
 
@@ -140,19 +151,7 @@ def bench_cross_entropy(small: bool, iters: int, device: str) -> list[dict]:
     return out
 
 
-def bench_masked_embedding(small: bool, iters: int, device: str) -> list[dict]:
-    from autotp import ops
-
-    rows_n, dim, tokens = 25152, 768, (2 * 256 if small else 8 * 1024)
-    w = torch.randn(rows_n, dim, device=device)
-    ids = torch.randint(0, 2 * rows_n, (tokens,), device=device)
-    t = _median_ms({"composite": lambda: ops.masked_embedding_composite(w, ids, rows_n),
-                    "fused": lambda: torch.ops.autotp_kernels.masked_embedding(w, ids, rows_n, -1)}, iters)
-    return [{"kernel": "masked_embedding", "what": "forward", "shape": [tokens, dim], "composite_ms": t["composite"],
-             "fused_ms": t["fused"], "ratio": t["composite"] / t["fused"]}]
-
-
-BENCHMARKS = [bench_bias_gelu, bench_silu_mul, bench_cross_entropy, bench_masked_embedding]
+BENCHMARKS = [bench_bias_gelu, bench_silu_mul, bench_cross_entropy]
 
 
 def run(small: bool = False, iters: int = 10, device: str = "cpu") -> list[dict]:

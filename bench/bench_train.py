@@ -1,18 +1,18 @@
-"""Training-step benchmark: autotp vs PyTorch DTensor TP (loss_parallel) vs unsharded; loss-step peak memory.
+"""train: training step time of autotp vs PyTorch DTensor TP (loss_parallel) vs unsharded; loss-step peak memory.
 
-Run (2 CPU ranks, gloo, one thread per rank)::
+Run (ranks spawned by the harness, gloo, one thread per rank)::
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/bench_train.py            # GPT-2 small + Llama, ~5-7 min
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 bench/bench_train.py --small    # smoke test, <1 min
+    python bench/harness.py train --world-sizes 2            # GPT-2 small + Llama of like size, ~5-7 min
+    python bench/harness.py train --world-sizes 2 --small    # smoke test, <1 min
 
 A benchmark, not a test: it prints numbers and marks the targets met or missed; it never fails on them.
-Random weights built from a config (``bench_forward.make_model``; nothing is downloaded), fp32,
+Random weights built from a preset (``harness.build``; nothing is downloaded), fp32,
 dropout set to 0 so every peer's loss can be compared with the unsharded one step by step.
 
 1. Training step time: forward + backward + ``torch.optim.AdamW`` step (+ ``zero_grad``), the same
    seeded batch every step, median over ``--iters`` steps after ``--warmup`` steps, of
 
-   * autotp at world 2: ``autotp.shard(model, example_kwargs={"labels": ids, "use_cache": False},
+   * autotp at the world size: ``autotp.shard(model, example_kwargs={"labels": ids, "use_cache": False},
      gather_outputs=False)``; the loss is ``out.loss`` (autotp's vocab-parallel cross-entropy inside
      the captured graph), the logits are never gathered;
    * PyTorch DTensor ``parallelize_module`` with a hand-written Colwise/Rowwise plan whose LM head is
@@ -44,11 +44,9 @@ Only rank 0 prints (progress goes to stderr).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import ctypes
-import datetime
 import gc
 import os
 import statistics
@@ -60,65 +58,46 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import autotp
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_forward as bf  # noqa: E402 - models, the Conv1D conversion and the harness helpers
-from bench_forward import _conv1d_to_linear, all_ok, describe, local_param_mb, log, max_over_ranks, progress, spread  # noqa: E402
-
-RANK = 0
-WORLD = 1
+import harness as H
+from harness import all_ok, local_param_mb, max_over_ranks, progress, spread
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", type=str, default="gpt2,llama", help="comma-separated: gpt2, llama")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
+def add_args(p):
+    p.add_argument("--presets", default="gpt2-small,llama-12x768-mha",
+                   help="comma-separated presets (harness.PRESETS); default GPT-2 small and a Llama of like size")
+    p.add_argument("--batch", default="4x128", help="BATCHxSEQ of the training batch")
     p.add_argument("--iters", type=int, default=5, help="timed steps per peer")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per peer first (AdamW allocates its state)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--llama-intermediate", type=int, default=None,
-                   help="Llama MLP width (default 8/3*hidden rounded to 256: GPT-2's MLP parameter count)")
     p.add_argument("--peers", type=str, default="unsharded,autotp,dtensor",
                    help="comma-separated subset of unsharded, autotp, dtensor")
     p.add_argument("--mem-shapes", type=str, default=None,
                    help="comma-separated BxS logits shapes for the loss-step memory section (default 4x128,8x512; "
                         "'' skips it)")
     p.add_argument("--mem-vocab", type=int, default=50257, help="vocab of the loss-step memory section")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--small", action="store_true",
-                   help="smoke config: 2 layers, hidden 256, 4 heads, vocab 1001, batch 2, seq 32, 3 iters, "
-                        "memory at 2x64")
-    p.add_argument("--timeout", type=int, default=300, help="gloo collective timeout (s), so a failed peer cannot hang")
-    a = p.parse_args()
+                   help="smoke config: presets gpt2-tiny,llama-tiny, batch 2x32, 3 iters, memory at 2x64")
+
+
+def settle_args(a):
     if a.small:
-        a.layers, a.hidden, a.heads, a.vocab, a.iters, a.warmup = 2, 256, 4, 1001, 3, 1
-        a.batch, a.seq = 2, 32
+        a.presets, a.batch, a.iters, a.warmup = "gpt2-tiny,llama-tiny", "2x32", 3, 1
         a.mem_shapes = "2x64" if a.mem_shapes is None else a.mem_shapes
     if a.mem_shapes is None:
         a.mem_shapes = "4x128,8x512"
-    if a.llama_intermediate is None:
-        a.llama_intermediate = max(256, int(round(a.hidden * 8 / 3 / 256)) * 256)
-    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
-    a.peers = [m.strip() for m in a.peers.split(",") if m.strip()]
-    a.mem_shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.mem_shapes.split(",") if s.strip()]
+    a.models = [m.strip() for m in a.presets.split(",") if m.strip()]
+    (a.batch_size, a.seq), = H.parse_shapes(a.batch)
+    a.peer_list = [m.strip() for m in a.peers.split(",") if m.strip()]
+    a.mem_shape_list = H.parse_shapes(a.mem_shapes)
     return a
-
-
-def short_err(e: BaseException) -> str:
-    return bf.short_err(e)
 
 
 # ----------------------------------------------------------------------------- models
 
 
 def make_train_model(kind, a):
-    """bench_forward's model (same seeded weights on every rank) with dropout off, in train mode."""
-    m = bf.make_model(kind, a)
+    """The preset's model (same seeded weights on every rank) with dropout off, in train mode."""
+    m = H.build(H.preset(kind), max_positions=max(1024, a.seq), train=True)
     for mod in m.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
@@ -129,55 +108,19 @@ def make_train_model(kind, a):
 
 
 def dtensor_train_model(kind, ref, world, mesh):
-    """A parallelize_module copy whose LM head leaves the logits a DTensor sharded on the vocab.
-
-    GPT-2: the Conv1D->nn.Linear conversion of ``bench_forward.dtensor_gpt2`` (c_attn rows permuted so rank r's
-    half is [Q_r|K_r|V_r], ``split_size`` divided by world), and the wte/lm_head tie restored after
-    ``parallelize_module`` (which gives each module its own DTensor parameter): both are Shard(0) of [V, E], so
-    they can share one parameter and its gradient sums both uses, as in the unsharded model."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    m = copy.deepcopy(ref)
-    plan = {}
-    if kind == "gpt2":
-        E = m.config.n_embd
-        assert E % world == 0 and m.config.n_head % world == 0
-        step = E // world
-        perm = torch.cat([torch.arange(r * step, (r + 1) * step) + j * E for r in range(world) for j in range(3)])
-        for i, blk in enumerate(m.transformer.h):
-            blk.attn.c_attn = _conv1d_to_linear(blk.attn.c_attn, perm)
-            blk.attn.c_proj = _conv1d_to_linear(blk.attn.c_proj)
-            blk.attn.split_size = step
-            blk.mlp.c_fc = _conv1d_to_linear(blk.mlp.c_fc)
-            blk.mlp.c_proj = _conv1d_to_linear(blk.mlp.c_proj)
-            for n, style in (("attn.c_attn", ColwiseParallel), ("attn.c_proj", RowwiseParallel),
-                             ("mlp.c_fc", ColwiseParallel), ("mlp.c_proj", RowwiseParallel)):
-                plan[f"transformer.h.{i}.{n}"] = style()
-        emb, head = "transformer.wte", "lm_head"
-    else:
-        for i in range(len(m.model.layers)):
-            pre = f"model.layers.{i}."
-            for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-                plan[pre + n] = ColwiseParallel()
-            for n in ("self_attn.o_proj", "mlp.down_proj"):
-                plan[pre + n] = RowwiseParallel()
-        emb, head = "model.embed_tokens", "lm_head"
-    tied = m.get_output_embeddings().weight is m.get_input_embeddings().weight
-    plan[emb] = RowwiseParallel(input_layouts=Replicate())  # vocab-parallel embedding
-    plan[head] = ColwiseParallel(use_local_output=False)  # logits: DTensor, Shard(-1) on the vocab
-    m = parallelize_module(m, mesh, plan)
-    if tied:
-        m.get_output_embeddings().weight = m.get_input_embeddings().weight
-    return m.train(), tied
+    """``harness.dtensor_plan`` with the LM head leaving the logits a DTensor sharded on the vocab (GPT-2:
+    the Conv1D->nn.Linear copy, and the wte/lm_head tie restored after ``parallelize_module``)."""
+    tied = ref.get_output_embeddings().weight is ref.get_input_embeddings().weight
+    return H.dtensor_plan(ref, mesh, lm_head_local=True).train(), tied
 
 
 # ----------------------------------------------------------------------------- training peers
 
 
-class TrainPeer(bf.Peer):
+class TrainPeer(H.Peer):
     def __init__(self, model, name):
-        super().__init__(model, name)
+        super().__init__(name)
+        self.model = model
         self.step = None  # callable() -> (loss, (fwd_s, bwd_s, opt_s))
         self.losses = []  # loss of every step, warm-up included
         self.phases = []  # (fwd, bwd, opt) seconds of the timed steps, max over ranks
@@ -206,7 +149,7 @@ def make_step(forward, params, lr, ctx=contextlib.nullcontext):
 
 
 def guarded(peer, what, fn):
-    ok = bf.guarded(peer, what, fn)
+    ok = H.guarded(peer, what, fn)
     if not ok:
         peer.step = None
     return ok
@@ -239,12 +182,12 @@ def run_rounds(peers, n, timed):
 def bench_train_group(kind, a, mesh):
     progress(f"[{kind}] building model")
     ref = make_train_model(kind, a)
-    desc = describe(kind, ref, a)
+    desc = H.preset(kind).describe()
     torch.manual_seed(0)  # same batch on every rank
-    ids = torch.randint(0, a.vocab, (a.batch, a.seq))
+    ids = torch.randint(0, H.preset(kind).vocab, (a.batch_size, a.seq))
     peers = []
 
-    if "unsharded" in a.peers:
+    if "unsharded" in a.peer_list:
         p = TrainPeer(kind, "unsharded (1 rank, each rank concurrently)")
         p.mb = local_param_mb(ref)
         p.note = "model(ids, labels=ids).loss"
@@ -252,15 +195,15 @@ def bench_train_group(kind, a, mesh):
         p.step = make_step(lambda: un(ids, labels=ids, use_cache=False).loss, un.parameters(), a.lr)
         peers.append(p)
 
-    if "autotp" in a.peers:
-        p = TrainPeer(kind, f"autotp (world {WORLD}, gather_outputs=False)")
+    if "autotp" in a.peer_list:
+        p = TrainPeer(kind, f"autotp (world {H.WORLD}, gather_outputs=False)")
         progress(f"[{kind}] autotp.shard")
 
         def build():
             kw = {"labels": ids, "use_cache": False}
             dist.barrier()
             t0 = time.perf_counter()
-            s = autotp.shard(ref, world_size=WORLD, example_inputs=(ids,), example_kwargs=kw,
+            s = autotp.shard(ref, world_size=H.WORLD, example_inputs=(ids,), example_kwargs=kw,
                              gather_outputs=False)
             p.compile_s = max_over_ranks(time.perf_counter() - t0)
             p.mb = local_param_mb(s)
@@ -279,14 +222,14 @@ def bench_train_group(kind, a, mesh):
         guarded(p, "autotp.shard", build)
         peers.append(p)
 
-    if "dtensor" in a.peers:
+    if "dtensor" in a.peer_list:
         p = TrainPeer(kind, "DTensor parallelize_module + loss_parallel")
         progress(f"[{kind}] DTensor parallelize_module")
 
         def build_dt():
             from torch.distributed.tensor.parallel import loss_parallel
 
-            m, tied = dtensor_train_model(kind, ref, WORLD, mesh)
+            m, tied = dtensor_train_model(kind, ref, H.WORLD, mesh)
             p.mb = local_param_mb(m)
             # HF's ForCausalLMLoss: labels padded with -100 on the right, shifted by one; mean over the rest
             shift = F.pad(ids, (0, 1), value=-100)[:, 1:].reshape(-1)
@@ -371,7 +314,7 @@ class _GatherVocab(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, vocab):
         n = local.shape[-1]
-        parts = [torch.empty_like(local) for _ in range(WORLD)]
+        parts = [torch.empty_like(local) for _ in range(H.WORLD)]
         dist.all_gather(parts, local.contiguous())
         parts = [t[..., :max(0, min(n, vocab - r * n))] for r, t in enumerate(parts)]
         full = torch.cat(parts, dim=-1)
@@ -381,7 +324,7 @@ class _GatherVocab(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        n, start = ctx.n, RANK * ctx.n
+        n, start = ctx.n, H.RANK * ctx.n
         valid = max(0, min(n, ctx.vocab - start))
         out = g[..., start:start + valid]
         return F.pad(out, (0, n - valid)) if valid < n else out.contiguous(), None
@@ -423,20 +366,20 @@ def bench_memory(a, mesh):
     from torch.distributed.tensor.parallel import loss_parallel
 
     V = a.mem_vocab
-    n = -(-V // WORLD)  # autotp's shard width (the last rank's is padded)
-    chunk = [len(c) for c in torch.arange(V).chunk(WORLD)]  # DTensor's (torch.chunk) shard widths
+    n = -(-V // H.WORLD)  # autotp's shard width (the last rank's is padded)
+    chunk = [len(c) for c in torch.arange(V).chunk(H.WORLD)]  # DTensor's (torch.chunk) shard widths
     rows = []
     # a tiny first shape warms every variant up (gloo buffers, DTensor's sharding caches), not reported
-    for i, (B, S) in enumerate([(1, 8)] + a.mem_shapes):
+    for i, (B, S) in enumerate([(1, 8)] + a.mem_shape_list):
         warm = i == 0
         progress(f"[memory] {'warm-up ' if warm else ''}{B}x{S}x{V}")
         torch.manual_seed(7)
         full = torch.randn(B, S, V) * 4
         target = torch.randint(0, V, (B, S))
-        lo = RANK * n
+        lo = H.RANK * n
         vp_in = F.pad(full[..., lo:lo + n], (0, max(0, lo + n - V)))  # [B, S, n]
-        lo_c = sum(chunk[:RANK])
-        dt_in = full[..., lo_c:lo_c + chunk[RANK]].contiguous()
+        lo_c = sum(chunk[:H.RANK])
+        dt_in = full[..., lo_c:lo_c + chunk[H.RANK]].contiguous()
         full_bytes = full.numel() * full.element_size()
         leaves = {}
 
@@ -470,7 +413,7 @@ def bench_memory(a, mesh):
                 go()
             except Exception as e:  # noqa: BLE001 - reported in the table
                 err = e
-                if RANK == 0:
+                if H.RANK == 0:
                     import traceback
 
                     print(f"--- memory {B}x{S} ({key}) failed:", file=sys.stderr)
@@ -480,7 +423,7 @@ def bench_memory(a, mesh):
                 x.grad = None
                 continue
             if not all_ok(err is None):
-                row["error"] = short_err(err) if err is not None else "failed on another rank"
+                row["error"] = H.short_err(err) if err is not None else "failed on another rank"
             else:
                 row["alloc"] = max_over_ranks(row["alloc"])
                 row["rss"] = max_over_ranks(row["rss"]) if all_ok(row["rss"] is not None) else None
@@ -511,11 +454,11 @@ def ms(ts):
     return f"{statistics.median(ts) * 1e3:9.1f}" if ts else "-"
 
 
-def report(a, descs, rows, mem_rows, cmd, load0, load1, total_s):
+def report_text(a, descs, rows, mem_rows):
     W = 44
     L = ["=" * 118]
-    L.append(f"autotp training benchmark | world {WORLD} (gloo, CPU) | torch {torch.__version__} | fp32, "
-             f"{a.threads} thread(s)/rank, dropout 0, AdamW lr={a.lr} | batch {a.batch} x seq {a.seq} | "
+    L.append(f"autotp training benchmark | world {H.WORLD} (gloo, CPU) | torch {torch.__version__} | fp32, "
+             f"{a.threads} thread(s)/rank, dropout 0, AdamW lr={a.lr} | batch {a.batch_size} x seq {a.seq} | "
              f"{a.iters} timed rounds, {a.warmup} warm-up")
     for k, d in descs.items():
         L.append(f"  {k}: {d}")
@@ -527,10 +470,10 @@ def report(a, descs, rows, mem_rows, cmd, load0, load1, total_s):
                  "traj = max of that over all steps;")
         L.append("   MiB = parameter bytes per rank (Adam state and gradients add 3x that); compile = wall of "
                  "autotp.shard (max over ranks)")
-        L.append(f"   {'model':6} {'peer':{W}} {'step':>8} {'min':>8} {'spread':>6} {'fwd':>7} {'bwd':>7} {'opt':>7} "
+        L.append(f"   {'model':10} {'peer':{W}} {'step':>8} {'min':>8} {'spread':>6} {'fwd':>7} {'bwd':>7} {'opt':>7} "
                  f"{'loss0':>8} {'traj':>8} {'MiB':>5}  note")
         for r in rows:
-            line = f"   {r.model:6} {r.name:{W}}"
+            line = f"   {r.model:10} {r.name:{W}}"
             if r.error and not r.times:
                 line += f" FAILED: {r.error}"
             else:
@@ -551,12 +494,12 @@ def report(a, descs, rows, mem_rows, cmd, load0, load1, total_s):
             grp = [r for r in rows if r.model == kind]
             at = next((r for r in grp if r.name.startswith("autotp")), None)
             if at is None or not at.times:
-                L.append(f"   {kind:6} autotp did not run")
+                L.append(f"   {kind:10} autotp did not run")
                 continue
             for r in grp:
                 if r is at:
                     continue
-                line = f"   {kind:6} autotp / {r.name:{W}}"
+                line = f"   {kind:10} autotp / {r.name:{W}}"
                 if not r.times:
                     line += " n/a (peer failed)"
                 else:
@@ -591,9 +534,9 @@ def report(a, descs, rows, mem_rows, cmd, load0, load1, total_s):
                 d = ("%.1e" % r["diff"]) if "diff" in r else "(ref)"
                 line += f" {r['alloc'] / mib:10.0f} {r['alloc'] / fb:7.2f} {rss} {r['s'] * 1e3:7.0f} {d:>9}"
             L.append(line)
-        tgt = 1.1 / WORLD
+        tgt = 1.1 / H.WORLD
         L.append(f"   vp / gathered (a / b), target <= 1/world + 10% = {tgt:.2f} "
-                 f"(read as: vp peak <= gathered peak / {WORLD} x 1.1):")
+                 f"(read as: vp peak <= gathered peak / {H.WORLD} x 1.1):")
         for shape in dict.fromkeys(r["shape"] for r in mem_rows):
             by = {r["key"]: r for r in mem_rows if r["shape"] == shape and "error" not in r}
             if "a" not in by or "b" not in by:
@@ -609,42 +552,32 @@ def report(a, descs, rows, mem_rows, cmd, load0, load1, total_s):
             if "c" in by:
                 line += f"   | DTensor loss_parallel / gathered: alloc {by['c']['alloc'] / by['b']['alloc']:.2f}"
             L.append(line)
-    L.append("")
-    L.append(f"load average (1 min) at start / end: {load0:.2f} / {load1:.2f} (the 2 ranks alone give ~2; more = other "
-             f"processes shared the 2 cores)   total {total_s:.0f} s")
-    L.append(f"command: {cmd}")
     L.append("=" * 118)
-    log("\n".join(L))
+    return "\n".join(L)
 
 
-def main():
-    global RANK, WORLD
-    a = parse_args()
-    t_start = time.perf_counter()
-    load0 = os.getloadavg()[0]
-    torch.set_num_threads(a.threads)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=a.timeout))
-    RANK, WORLD = dist.get_rank(), dist.get_world_size()
-    bf.RANK, bf.WORLD = RANK, WORLD  # bench_forward's log/progress/guarded read its own globals
+def run(a) -> dict:
+    """On every rank: the loss-step memory section, then each preset's training steps; rank 0's result."""
+    settle_args(a)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (WORLD,))
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    cmd = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc_per_node {WORLD} " + \
-          " ".join(sys.argv)
-    mem_rows = bench_memory(a, mesh) if a.mem_shapes else []
+    mesh = init_device_mesh("cpu", (H.WORLD,))
+    mem_rows = bench_memory(a, mesh) if a.mem_shape_list else []
     descs, rows = {}, []
     for kind in a.models:
         desc, r = bench_train_group(kind, a, mesh)
         descs[kind] = desc
         rows += r
-    dist.barrier()
-    report(a, descs, rows, mem_rows, cmd, load0, os.getloadavg()[0], time.perf_counter() - t_start)
-    dist.destroy_process_group()
+    H.barrier()
+    peers = [{"model": r.model, "peer": r.name, "error": r.error, "step_ms": [t * 1e3 for t in r.times],
+              "phases_ms": [[t * 1e3 for t in ph] for ph in r.phases], "losses": r.losses, "loss0_diff": r.diff,
+              "traj_diff": r.traj, "compile_s": r.compile_s, "param_mib": r.mb, "note": r.note} for r in rows]
+    return {"text": report_text(a, descs, rows, mem_rows), "steps": peers, "memory": mem_rows}
+
+
+def report(a, results) -> str:
+    return "\n".join(r["text"] for r in results.values())
 
 
 if __name__ == "__main__":
-    main()
+    H.main(["train"] + sys.argv[1:])
