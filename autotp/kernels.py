@@ -42,8 +42,8 @@ def extension(kind: str):
             _notice(kind, e)
         else:
             if kind == "cpu":
-                from . import ops
-                ops.register()  # fakes and autograd of torch.ops.autotp_kernels.*
+                from .ops import register
+                register()  # fakes and autograd of torch.ops.autotp_kernels.*
     return _loaded[kind]
 
 

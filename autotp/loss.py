@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels, ops
+from .kernels import available as kernels_available
+from .kernels import enabled as kernels_enabled
+from .ops import supports as kernels_support
 from .runtime import Communicator
 from .traceable import communicator
 
@@ -263,10 +265,10 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
     else:
         _check_targets(target, vocab_size, ignore_index)
         if fused is None:
-            fused = kernels.enabled() and ops.supports(flat.device)
-        elif fused and not ops.supports(flat.device):
+            fused = kernels_enabled() and kernels_support(flat.device)
+        elif fused and not kernels_support(flat.device):
             raise ValueError(f"fused=True, but autotp's kernels are not compiled for {flat.device} "
-                             f"(autotp.kernels.available(): {kernels.available()}); pass fused=None or False")
+                             f"(autotp.kernels.available(): {kernels_available()}); pass fused=None or False")
         loss = _VocabParallelCE.apply(flat, target.reshape(-1), vocab_size, ignore_index, reduction,
                                       float(label_smoothing), comm, bool(fused))
     return loss.view(target.shape) if reduction == "none" else loss

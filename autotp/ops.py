@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from . import kernels
+from .kernels import extension
 
 __all__ = ["supports", "bias_gelu", "silu_mul", "masked_embedding", "bias_gelu_composite", "silu_mul_composite",
            "masked_embedding_composite"]
@@ -26,9 +26,9 @@ _registered = False
 def supports(device: torch.device | str | None) -> bool:
     """Whether the kernels are compiled for tensors on ``device`` (``None``: the CPU)."""
     kind = torch.device(device).type if device is not None else "cpu"
-    if kind not in ("cpu", "cuda") or kernels.extension("cpu") is None:  # the CPU extension defines the ops
+    if kind not in ("cpu", "cuda") or extension("cpu") is None:  # the CPU extension defines the ops
         return False
-    return kind == "cpu" or kernels.extension("cuda") is not None
+    return kind == "cpu" or extension("cuda") is not None
 
 
 def _use_kernel(x: torch.Tensor) -> bool:

@@ -36,7 +36,7 @@ from .placements import Placement
 from .plan import Plan, build_plan
 from .groups import max_and_min, resolve_group
 from .runtime import Communicator
-from . import kernels
+from .kernels import enabled as kernels_enabled
 from .samehost import enable_same_host_collectives
 
 __all__ = ["Ranks", "join_ranks", "plan_graph", "check_plans_agree", "lower_graph", "lowering_context", "plan_model",
@@ -120,7 +120,7 @@ def check_plans_agree(plans: dict[str, Plan], ranks: Ranks) -> None:
 def lowering_context(plan: Plan, ranks: Ranks, config: ShardConfig, *, load=None, shared=None) -> P.LoweringContext:
     seed = config.seed if config.seed is not None else torch.initial_seed()
     return P.LoweringContext(plan=plan, rank=ranks.rank, world_size=ranks.world_size, comm=ranks.comm, seed=seed,
-                             device=ranks.device, kernels=kernels.enabled(config.kernels),
+                             device=ranks.device, kernels=kernels_enabled(config.kernels),
                              load=load, shared=shared)
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
+from .ops import masked_embedding, masked_embedding_composite
 from .placements import Partial, Placement, Replicate, Shard
 from .traceable import all_gather as all_gather_op  # the torch.library twins of the modules below
 from .traceable import all_reduce as all_reduce_op
@@ -426,8 +426,8 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         pad = self.padding_idx - self.start if 0 <= self.padding_idx - self.start < self.rows else -1
         if self.fused:
-            return ops.masked_embedding(weight, ids, self.start, pad)
-        return ops.masked_embedding_composite(weight, ids, self.start, pad)
+            return masked_embedding(weight, ids, self.start, pad)
+        return masked_embedding_composite(weight, ids, self.start, pad)
 
     def extra_repr(self) -> str:
         return f"rows=[{self.start}, {self.start + self.rows})" + (", fused" if self.fused else "")

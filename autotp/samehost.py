@@ -47,7 +47,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import kernels
+from .kernels import extension as kernel_extension
 from .runtime import CollectiveError
 
 __all__ = ["SameHostComm", "AllReduceAddNorm", "enable_same_host_collectives"]
@@ -83,7 +83,7 @@ class SameHostComm:
         (``False``), or the C++ one where it was built (``None``).  Collective over ``group``."""
         if slot_bytes < 64 or slot_bytes % 64:
             raise ValueError(f"SameHostComm: slot_bytes={slot_bytes} must be a positive multiple of 64")
-        ext = kernels.extension("samehost") if compiled is not False else None
+        ext = kernel_extension("samehost") if compiled is not False else None
         if compiled and ext is None:
             raise ValueError("SameHostComm(compiled=True): autotp._samehost is not built; run "
                              "'python setup.py build_ext --inplace' (a C++ compiler is needed)")
@@ -332,7 +332,7 @@ def enable_same_host_collectives(group=None, **kwargs) -> SameHostComm | None:
         return None
     hosts = [None] * dist.get_world_size(group)
     mine = (_host_id(), platform.machine(), dist.get_backend(group),
-            kwargs.get("compiled") is not False and kernels.extension("samehost") is not None)
+            kwargs.get("compiled") is not False and kernel_extension("samehost") is not None)
     dist.all_gather_object(hosts, mine, group=group)
     compiled = all(c for *_, c in hosts)
     if len({h for h, *_ in hosts}) != 1 or any(be != "gloo" for _, _, be, _ in hosts):

@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     built = kernels.available()
     table.add("csrc/ kernels compiled", "PASS" if built["cpu"] and (built["cuda"] or not gpu) else "FAIL", str(built))
     if built["cpu"] and (built["cuda"] or not gpu):
-        sys.path.insert(0, str(ROOT / "bench"))
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
         import bench_kernels
 
         def kernel_judge(rows):

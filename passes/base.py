@@ -53,8 +53,8 @@ class LoweringContext:
     def kernel_for(self, kind: str, node, detail: str = "") -> bool:
         """Whether a pass may use a ``csrc/`` kernel here (``kernels`` on, and compiled for the run
         device); when so, records the fusion ``kind`` at ``node`` in the plan."""
-        from autotp import ops
-        if not (self.kernels and ops.supports(self.device)):
+        from autotp.ops import supports
+        if not (self.kernels and supports(self.device)):
             return False
         self.fused(kind, node, detail)
         return True

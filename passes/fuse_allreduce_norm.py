@@ -27,7 +27,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from autotp import kernels
+from autotp.kernels import extension as kernel_extension
 from autotp.runtime import AllReduce, OneRankShare
 
 from .base import LoweringContext, PassResult
@@ -135,7 +135,7 @@ def _defined_before(node, anchor: Node, order: dict) -> bool:
 def fuse_allreduce_norm(gm: GraphModule, ctx: LoweringContext) -> PassResult:
     same_host = getattr(ctx.comm, "same_host", None)
     if (not ctx.kernels or ctx.world_size == 1 or same_host is None or not getattr(same_host, "compiled", False)
-            or kernels.extension("samehost") is None):
+            or kernel_extension("samehost") is None):
         return PassResult(gm, False)
     from autotp.samehost import AllReduceAddNorm
 

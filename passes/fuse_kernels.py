@@ -17,7 +17,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from autotp import ops
+from autotp.ops import bias_gelu, silu_mul
 from autotp.runtime import ColumnLinear
 
 from .base import LoweringContext, PassResult
@@ -134,7 +134,7 @@ def fuse_kernels(gm: GraphModule, ctx: LoweringContext) -> PassResult:
                 return PassResult(gm, modified)
             b = _take_bias(gm, v, inside)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ops.bias_gelu, (v, b, approximate))
+                new = gm.graph.call_function(bias_gelu, (v, b, approximate))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             for d in [node, *reversed(dropped)]:
@@ -153,7 +153,7 @@ def fuse_kernels(gm: GraphModule, ctx: LoweringContext) -> PassResult:
                 if not ctx.kernel_for("silu_mul", node):
                     return PassResult(gm, modified)
                 with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(ops.silu_mul, (g, up))
+                    new = gm.graph.call_function(silu_mul, (g, up))
                 new.meta.update(node.meta)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)

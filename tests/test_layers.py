@@ -206,7 +206,8 @@ class _RecordGelu(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         out = super().call_function(target, args, kwargs)
-        if target is torch.ops.aten.gelu.default:
+        from autotp.ops import bias_gelu
+        if target is torch.ops.aten.gelu.default or target is bias_gelu:  # composite, or the csrc/ kernel
             self.gelu_shapes.append(list(out.shape))
         return out
 

@@ -145,10 +145,11 @@ def _ran(rank: int, world: int, dump_dir: str) -> dict:
         out = sharded(_ids(), use_cache=False)
     with Recorder() as bwd:
         out.logits.float().square().mean().backward()
-    return {phase: {"log": [(op, list(shape), str(dtype).replace("torch.", ""),
-                             int(torch.Size(shape).numel()) * dtype.itemsize) for op, shape, dtype in rec.log],
-                    "counted": rec.counted()}
-            for phase, rec in (("forward", fwd), ("backward", bwd))}
+    return {**{phase: {"log": [(op, list(shape), str(dtype).replace("torch.", ""),
+                                int(torch.Size(shape).numel()) * dtype.itemsize) for op, shape, dtype in rec.log],
+                       "counted": rec.counted()}
+               for phase, rec in (("forward", fwd), ("backward", bwd))},
+            "fusions": [dict(f) for f in sharded.plan.fusions]}
 
 
 def test_plan_json_reports_the_collectives_and_bytes_a_real_run_issues(gpt2_dump, tmp_path):
@@ -169,7 +170,9 @@ def test_plan_json_reports_the_collectives_and_bytes_a_real_run_issues(gpt2_dump
                 mine = [x for x in ran[phase]["log"] if x[0] == op]
                 assert (len(mine), sum(x[3] for x in mine)) == totals.get((op, phase), (0, 0)), (rank, phase, op)
     from_shard = json.loads((tmp_path / "from_shard" / "plan.json").read_text())
-    assert from_shard == doc  # AUTOTP_DUMP at shard time wrote the plan this process made
+    # AUTOTP_DUMP at shard time wrote the plan this process made, and what rank 0's lowering fused
+    assert doc["fusions"] == [] and from_shard.pop("fusions") == runs[0]["fusions"]
+    assert from_shard == {k: v for k, v in doc.items() if k != "fusions"}
 
 
 def test_autotp_dump_at_plan_time(tmp_path, monkeypatch):
