@@ -56,8 +56,16 @@ def _ce_forward(logits, target, vocab_size: int, ignore_index: int, reduction: s
     parts = [torch.where(owned, x.gather(1, idx[:, None]).squeeze(1), 0.0), e.sum(-1)]
     if label_smoothing:
         parts.append(x[:, :valid].sum(-1))
+    out, z, count = _ce_finish(parts, ignored, vocab_size, reduction, label_smoothing, logits.dtype, comm)
+    softmax = e.div_(z[:, None])
+    return out, (softmax, idx, owned, ignored, count), valid
+
+
+def _ce_finish(parts, ignored, vocab_size: int, reduction: str, label_smoothing: float, dtype, comm):
+    """From each rank's ``[target logit, sum of exp, (sum of logits)]`` (all against the global max):
+    the one all-reduce, the loss reduced as asked, and ``(loss, Z, count of rows not ignored)``."""
     stacked = torch.stack(parts, dim=1)
-    if world > 1:
+    if comm.world_size > 1:
         comm.all_reduce_(stacked, "sum")
     t, z = stacked[:, 0], stacked[:, 1]
     log_z = z.log()
@@ -66,13 +74,10 @@ def _ce_forward(logits, target, vocab_size: int, ignore_index: int, reduction: s
         loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - stacked[:, 2] / vocab_size)
     loss = loss.masked_fill(ignored, 0.0)
     count = (~ignored).sum()
-    softmax = e.div_(z[:, None])
     if reduction == "none":
-        out = loss.to(logits.dtype)
-    else:
-        total = loss.sum()
-        out = (total / count if reduction == "mean" else total).to(logits.dtype)
-    return out, (softmax, idx, owned, ignored, count), valid
+        return loss.to(dtype), z, count
+    total = loss.sum()
+    return (total / count if reduction == "mean" else total).to(dtype), z, count
 
 
 def _ce_forward_fused(logits, target, vocab_size: int, ignore_index: int, reduction: str, label_smoothing: float,
@@ -97,21 +102,7 @@ def _ce_forward_fused(logits, target, vocab_size: int, ignore_index: int, reduct
     parts = [torch.where(owned, stats[:, 2] - m, 0.0), stats[:, 1] * torch.exp(m_local - m)]
     if label_smoothing:
         parts.append(stats[:, 3] - valid * m)
-    stacked = torch.stack(parts, dim=1)
-    if world > 1:
-        comm.all_reduce_(stacked, "sum")
-    t, z = stacked[:, 0], stacked[:, 1]
-    log_z = z.log()
-    loss = log_z - t
-    if label_smoothing:
-        loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - stacked[:, 2] / vocab_size)
-    loss = loss.masked_fill(ignored, 0.0)
-    count = (~ignored).sum()
-    if reduction == "none":
-        out = loss.to(logits.dtype)
-    else:
-        total = loss.sum()
-        out = (total / count if reduction == "mean" else total).to(logits.dtype)
+    out, z, count = _ce_finish(parts, ignored, vocab_size, reduction, label_smoothing, logits.dtype, comm)
     return out, (logits, t_local, m, z, ignored, count), valid
 
 

@@ -35,26 +35,23 @@ def _const(a, value: float) -> bool:
     return isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a - value) <= 1e-6 * abs(value)
 
 
-def _scaled(n, value: float) -> Node | None:
-    """``x`` when ``n`` is ``mul(x, value)`` or ``mul(value, x)``."""
-    if _call(n, aten.mul.Tensor, aten.mul.Scalar) and len(n.args) == 2:
+def _with_const(n, targets: tuple, value: float) -> Node | None:
+    """``x`` when ``n`` is ``op(x, value)`` or ``op(value, x)`` for one of ``targets`` (no keywords: alpha 1)."""
+    if _call(n, *targets) and len(n.args) == 2 and not n.kwargs:
         a, b = n.args
         if _const(b, value) and isinstance(a, Node):
             return a
         if _const(a, value) and isinstance(b, Node):
             return b
     return None
+
+
+def _scaled(n, value: float) -> Node | None:
+    return _with_const(n, (aten.mul.Tensor, aten.mul.Scalar), value)
 
 
 def _added(n, value: float) -> Node | None:
-    """``x`` when ``n`` is ``add(x, value)`` or ``add(value, x)`` (alpha 1)."""
-    if _call(n, aten.add.Tensor, aten.add.Scalar) and len(n.args) == 2 and not n.kwargs:
-        a, b = n.args
-        if _const(b, value) and isinstance(a, Node):
-            return a
-        if _const(a, value) and isinstance(b, Node):
-            return b
-    return None
+    return _with_const(n, (aten.add.Tensor, aten.add.Scalar), value)
 
 
 def _gelu_tanh_written_out(out: Node) -> tuple[Node, list[Node]] | None:
