@@ -163,13 +163,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="where coverage.md / .json go (default docs/)")
     ap.add_argument("--plan-only", action="store_true", help="plan only: no ranks, nothing checked for exactness")
     args = ap.parse_args()
-    names = build.names()
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in wanted if n not in names]
-        if unknown:
-            ap.error(f"not causal-LM architectures in this transformers: {', '.join(unknown)}")
-        names = wanted
+    names = build.select(args.only, ap.error)
     args.out.mkdir(parents=True, exist_ok=True)
     ranks_dir = Path(tempfile.gettempdir()) / f"autotp_coverage_{os.getpid()}"  # per-rank logs
     result = run(names, [int(w) for w in args.worlds.split(",")], ranks_dir, ranks=not args.plan_only)

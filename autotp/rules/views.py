@@ -196,27 +196,36 @@ def rule_getitem(ctx: Ctx, node: Node) -> Decision:
     return Decision(p or R, {}, why="getitem")
 
 
+def _joined(pls: dict, what: str):
+    """What a join (cat, stack) of inputs placed ``pls`` can be: its ``Decision`` when every input is a
+    partial sum or none is sharded, else the one ``Shard`` the sharded inputs share."""
+    xs = list(pls)
+    if all(isinstance(p, Partial) for p in pls.values()):
+        return Decision(P, {x: P for x in xs}, why=f"{what} of partial sums")
+    shards = {p for p in pls.values() if isinstance(p, Shard)}
+    if not shards:
+        return Decision(R, {x: R for x in xs}, why="replicated")
+    if len(shards) != 1:
+        raise Unsupported(f"{what} of differently sharded tensors")
+    return next(iter(shards))
+
+
 def rule_cat(ctx: Ctx, node: Node) -> Decision:
     out_nd = len(ctx.shape(node))
     # legacy empty operands (shape (0,)) are ignored by cat: they take no part in the layout
     xs = [x for x in node.args[0] if len(ctx.shape(x)) == out_nd]
     dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
     pls = {x: ctx.pl(x) for x in xs}
-    if all(isinstance(p, Partial) for p in pls.values()):
-        return Decision(P, {x: P for x in xs}, why="cat of partial sums")
-    shards = {x: p for x, p in pls.items() if isinstance(p, Shard)}
-    if not shards:
-        return Decision(R, {x: R for x in xs}, why="replicated")
-    if len(set(shards.values())) != 1:
-        raise Unsupported("cat of differently sharded tensors")
-    p = next(iter(shards.values()))
+    p = _joined(pls, "cat")
+    if isinstance(p, Decision):
+        return p
+    shards = {x for x, q in pls.items() if isinstance(q, Shard)}
     if p.dim == dim:
         raise Unsupported("cat along the sharded dim")
     ins = {}
     for x in xs:
         ins[x] = p if x in shards else (Shard(p.dim, p.chunks) if ctx.shape(x)[p.dim] != 1 else R)
     return Decision(p, ins, why="cat along an unsharded dim")
-
 
 
 def rule_stack(ctx: Ctx, node: Node) -> Decision:
@@ -226,14 +235,11 @@ def rule_stack(ctx: Ctx, node: Node) -> Decision:
     out_nd = len(ctx.shape(node))
     dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
     pls = {x: ctx.pl(x) for x in xs}
-    if all(isinstance(p, Partial) for p in pls.values()):
-        return Decision(P, {x: P for x in xs}, why="stack of partial sums")
-    shards = {x: p for x, p in pls.items() if isinstance(p, Shard)}
-    if not shards:
-        return Decision(R, {x: R for x in xs}, why="replicated")
-    if len(set(shards.values())) != 1 or any(isinstance(p, Partial) for p in pls.values()):
-        raise Unsupported("stack of differently placed tensors")
-    p = next(iter(shards.values()))
+    p = _joined(pls, "stack")
+    if isinstance(p, Decision):
+        return p
+    if any(isinstance(q, Partial) for q in pls.values()):
+        raise Unsupported("stack of sharded tensors and partial sums")
     q = Shard(p.dim + 1 if dim <= p.dim else p.dim, p.chunks)
     return Decision(q, {x: p for x in xs}, why="stack along an unsharded dim")
 

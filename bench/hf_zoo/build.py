@@ -146,6 +146,18 @@ def names() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def select(only: str, error) -> list[str]:
+    """The architectures a ``--only a,b`` option names (every one when empty); ``error(message)``
+    (``ArgumentParser.error``) is called with those transformers does not register."""
+    if not only:
+        return names()
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names()]
+    if unknown:
+        error(f"not causal-LM architectures in this transformers: {', '.join(unknown)}")
+    return wanted
+
+
 def class_name(name: str) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name]
 

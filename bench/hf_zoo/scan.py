@@ -108,13 +108,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "out", help="output directory (default bench/hf_zoo/out)")
     args = ap.parse_args()
 
-    names = build.names()
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in wanted if n not in names]
-        if unknown:
-            ap.error(f"not causal-LM architectures in this transformers: {', '.join(unknown)}")
-        names = wanted
+    names = build.select(args.only, ap.error)
     # A fresh output directory: a report never mixes records of two runs.
     shutil.rmtree(args.out / "ranks", ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
