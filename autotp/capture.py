@@ -8,6 +8,8 @@ structure (an HF ``ModelOutput`` stays one).
 """
 from __future__ import annotations
 
+import logging
+import os
 import re
 import traceback
 
@@ -18,6 +20,9 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from .patterns import get_attr
+from .regions import capture_regions
+
+logger = logging.getLogger(__name__)
 
 
 class CaptureError(RuntimeError):
@@ -38,7 +43,7 @@ def _dynamic_shapes(args: tuple, kwargs: dict):
 
 
 def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None, *,
-            dynamic: bool = False) -> GraphModule:
+            dynamic: bool = False, regions: bool = True, progress=None) -> GraphModule:
     """Capture ``model`` called as ``model(*example_inputs, **example_kwargs)``.
 
     Args:
@@ -46,6 +51,9 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
         example_inputs / example_kwargs: one call's inputs. Under torchrun every rank must pass
             the same values (seed before making random ones).
         dynamic: let the first two dims of every tensor input (batch, sequence) vary.
+        regions: trace each distinct repeated block once and reuse it for the identical ones
+            (``autotp.regions``; static shapes only). Falls back to one whole trace.
+        progress: ``progress(blocks, traced)`` is told how many blocks were reused.
 
     Returns:
         The ATen-level ``GraphModule`` (parameters shared with ``model``, not copied).
@@ -66,6 +74,16 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
         return ("check that the example inputs are the ones the model is called with; pass keyword arguments "
                 "through example_kwargs (e.g. {'use_cache': False} for Hugging Face models)")
 
+    if regions and not dynamic:
+        try:
+            gm = capture_regions(model, example_inputs, example_kwargs, progress=progress,
+                                 export=lambda m, a, k, what: _export(m, a, k, dynamic_shapes=None, what=what, hint=hint))
+        except Exception as e:  # captured whole below (exact, only slower; a real failure raises there)
+            if os.environ.get("AUTOTP_DEBUG_REGIONS"): raise
+            logger.debug("autotp: capturing %s whole: %s: %s", type(model).__name__, type(e).__name__, e)
+        else:
+            _canonicalize_attributes(gm)
+            return gm
     return export_graph(model, example_inputs, example_kwargs, dynamic_shapes=dyn, what=type(model).__name__,
                         hint=hint)
 
@@ -78,6 +96,13 @@ def export_graph(module: nn.Module, args: tuple, kwargs: dict | None = None, *, 
     is retried as ``Dim.AUTO``, which takes the model's own range.  A failure becomes a
     ``CaptureError`` naming ``what``, the innermost user frame and ``hint(error)``.
     """
+    gm = _export(module, args, kwargs, dynamic_shapes=dynamic_shapes, what=what, hint=hint)
+    _canonicalize_attributes(gm)
+    return gm
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict | None, *, dynamic_shapes, what: str, hint) -> GraphModule:
+    """``torch.export`` (non-strict) and ``.module()``: the graph as traced, every attribute still read."""
     try:
         try:
             ep = torch.export.export(module, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic_shapes)
@@ -97,7 +122,6 @@ def export_graph(module: nn.Module, args: tuple, kwargs: dict | None = None, *, 
         ) from e
     gm = ep.module()
     del ep
-    _canonicalize_attributes(gm)
     return gm
 
 

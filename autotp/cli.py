@@ -142,17 +142,25 @@ def _print_plan(plan, written: dict) -> None:
 
 
 def cmd_plan(args) -> int:
+    import gc
+
     import torch
 
-    import autotp
+    from .config import ShardConfig
+    from .pipeline import plan_model
 
     if args.world_size < 1:
         raise CliError(f"--world-size must be at least 1, got {args.world_size}")
+    gc.disable()  # a short-lived process: the collector's passes over the trace's objects cost seconds on 70B
     with _step(f"building {args.model} on the meta device"):
         model, inputs, kwargs = load_model(args.model, dtype=args.dtype, meta=True, batch=args.batch,
                                            seq_len=args.seq_len)
     with _step(f"planning for world_size={args.world_size} (capture + analysis)"), torch.no_grad():
-        plan = autotp.plan(model, args.world_size, example_inputs=inputs, example_kwargs=kwargs)
+        _, plan, timings = plan_model(model, args.world_size, ShardConfig(reuse_blocks=not args.whole),
+                                      inputs, kwargs)
+    if "blocks" in timings:
+        _say(f"{timings['blocks']} repeated blocks: {timings['blocks_traced']} traced, the others reuse their graph "
+             "(--whole traces every one)")
     with _step("writing the dumps"):
         written = plan.dump(args.out, expand=args.expand)
     _print_plan(plan, written)
@@ -223,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the dumps (created)")
     p.add_argument("--expand", action="store_true", help="draw every transformer block (default: identical "
                                                          "blocks once, x N)")
+    p.add_argument("--whole", action="store_true", help="trace every block (default: each distinct block once, "
+                                                        "its graph reused for the identical ones)")
     p.set_defaults(run=cmd_plan)
     d = sub.add_parser("demo", parents=[common], help="shard a small GPT-2 on CPU ranks, check it, generate",
                        description="Start --world-size CPU ranks (gloo), shard a small model built from a preset, "

@@ -51,6 +51,10 @@ class ShardConfig:
             were compiled (``autotp.kernels.available()``); the plan's ``fusions`` lists what was
             swapped.  ``False`` (or the environment variable ``AUTOTP_KERNELS=0``) keeps the
             composite graph.
+        reuse_blocks: capture each distinct repeated block (a transformer layer) once and reuse
+            its graph for the identical ones (``autotp.regions``: identity proven from what each
+            block computes, never from names); the graph and the plan are the ones a whole
+            capture makes.  Static shapes only; anything it does not cover is captured whole.
 
     Raises:
         ValueError: a field of the wrong type, or options that contradict each other.
@@ -67,6 +71,7 @@ class ShardConfig:
     compile: bool = False
     device: object = None  # str | torch.device | None; kept as given, checked below
     kernels: bool = True
+    reuse_blocks: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -144,10 +144,12 @@ def plan_model(model: nn.Module, world_size: int, config: ShardConfig, example_i
                example_kwargs: dict | None) -> tuple[GraphModule, Plan, dict]:
     """Stages 1-3 on a model: ``(captured graph, plan, timings)``."""
     t0 = time.perf_counter()
-    gm = capture(model, example_inputs, example_kwargs, dynamic=config.dynamic)
+    blocks = {}
+    gm = capture(model, example_inputs, example_kwargs, dynamic=config.dynamic, regions=config.reuse_blocks,
+                 progress=lambda n, traced: blocks.update(blocks=n, blocks_traced=traced))
     t1 = time.perf_counter()
     the_plan = plan_graph(gm, world_size, config)
-    return gm, the_plan, {"capture_s": t1 - t0, "analyze_s": time.perf_counter() - t1}
+    return gm, the_plan, {"capture_s": t1 - t0, "analyze_s": time.perf_counter() - t1, **blocks}
 
 
 def compile_model(model: nn.Module, ranks: Ranks, config: ShardConfig, example_inputs: tuple,

@@ -1,0 +1,547 @@
+"""Capture repeated blocks once: trace the model with every block opaque, prove which blocks
+compute the same thing, export one block per distinct computation, and inline it everywhere.
+
+An 80-layer model costs ``torch.export`` 80 traces of the same layer.  Regional capture
+replaces them with one trace per distinct block, as regional compilation does for
+``torch.compile``::
+
+    export(model, blocks opaque):   embed -> block_call[0](h, mask, cos, sin) -> ... -> block_call[79] -> norm -> head
+    per block call, on ``meta``:    the block's ATen ops as run (op, constants, dataflow) -> a structural key
+    per distinct key:               export(block) once
+    inline:                         block_call[j] -> the exported block's nodes, its get_attrs renamed to block j's
+
+The glue between blocks is traced for real, so what the parent passes each block (which mask,
+which carried state) is what the model does.  Two blocks share an export only when their keys
+are equal: the same module class, the same parameter names, shapes and dtypes, the same inputs'
+shapes, dtypes and constants, and the same sequence of ATen ops with the same constant
+arguments reading the same inputs, parameters and earlier results -- what the block *computes*,
+never its name or a config.  A block whose run on ``meta`` fails (a data-dependent op), or a
+model where anything here does not apply, is captured whole, as before.
+
+Nodes are renamed in graph order as ``torch.export`` names them, so the stitched graph and the
+whole-model graph are the same graph, names included (``tests/test_regions.py`` compares them,
+and the plans made from them, on models small enough to capture both ways).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import operator
+import re
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.fx.node import map_arg
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["block_runs", "capture_regions", "RegionsUnsupported"]
+
+MIN_REPEATS = 2  # a class of blocks is made opaque when at least this many children share a signature
+
+
+class RegionsUnsupported(Exception):
+    """Regional capture does not apply here; the caller captures the model whole."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which modules are blocks
+
+
+def _signature(module: nn.Module) -> tuple:
+    """A candidate's cheap signature (its classes and tensors' names, shapes, dtypes): only a
+    filter -- identity is decided by ``_Call.key`` from what the block computes."""
+    tensors = tuple((n, tuple(t.shape), t.dtype, t.requires_grad)
+                    for n, t in [*module.named_parameters(remove_duplicate=False),
+                                 *module.named_buffers(remove_duplicate=False)])
+    return (tuple(type(m) for m in module.modules()), tensors)
+
+
+def block_runs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(fqn, module)`` of every element of a ``ModuleList`` / ``Sequential`` that at least
+    ``MIN_REPEATS`` siblings match by signature; outermost such lists only."""
+    found: list[tuple[str, nn.Module]] = []
+    taken: set[str] = set()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or any(name.startswith(t + ".") for t in taken):
+            continue
+        groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
+        for child_name, child in mod.named_children():
+            if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+                continue
+            groups.setdefault(_signature(child), []).append((f"{name}.{child_name}" if name else child_name, child))
+        for members in groups.values():
+            if len(members) >= MIN_REPEATS:
+                found.extend(members)
+                taken.update(fqn for fqn, _ in members)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the opaque call and its structural key
+
+
+_lock = threading.Lock()
+_calls: dict[int, "_Call"] = {}
+_next_key = [0]
+
+
+@torch.library.custom_op("autotp::block_call", mutates_args=())
+def _block_call(xs: list[torch.Tensor], key: int) -> list[torch.Tensor]:
+    """A repeated block, opaque while the model around it is traced (never run)."""
+    raise RuntimeError("autotp::block_call is a tracing placeholder and never runs")
+
+
+@_block_call.register_fake
+def _block_call_fake(xs, key):
+    return _calls[key].run(xs)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records each ATen op with its constant arguments and which earlier value each tensor
+    argument is (an input, a parameter by its name in the block, or an earlier result)."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names  # id(tensor) -> its token
+        self.keep: list = []  # the tensors named (so no id is reused while recording)
+        self.ops: list = []
+
+    def token(self, x):
+        if isinstance(x, torch.Tensor):
+            name = self.names.get(id(x))
+            if name is None:  # a tensor from outside (a plain attribute): equal only to itself
+                name = f"ext{id(x)}:{tuple(x.shape)}:{x.dtype}"
+                self.names[id(x)] = name
+                self.keep.append(x)
+            return name
+        if isinstance(x, (list, tuple)):
+            return type(x).__name__, tuple(self.token(v) for v in x)
+        if isinstance(x, dict):
+            return tuple(sorted((k, self.token(v)) for k, v in x.items()))
+        if isinstance(x, float) and x != x:
+            return "nan"
+        return repr(x)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        k = len(self.ops)
+        outs = pytree.tree_leaves(out)
+        for i, t in enumerate(outs):
+            if isinstance(t, torch.Tensor) and id(t) not in self.names:
+                self.names[id(t)] = f"v{k}.{i}"
+                self.keep.append(t)
+        self.ops.append((str(func), self.token(args), self.token(kwargs),
+                         tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in outs)))
+        return out
+
+
+def _meta_like(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """An empty ``meta`` twin of ``t``; ``grad``: requiring grad (which changes what some ops run,
+    e.g. the attention kernel ``scaled_dot_product_attention`` picks)."""
+    m = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+    return m.requires_grad_(grad) if grad and (m.is_floating_point() or m.is_complex()) else m
+
+
+@dataclass
+class _Call:
+    """One call of a block while the model is traced: its inputs' structure, its outputs', its key."""
+
+    fqn: str
+    block: nn.Module
+    forward: object  # the block's own forward (the instance attribute is the stub meanwhile)
+    spec: object = None  # (args, kwargs) tree with the tensor leaves taken out
+    consts: list = field(default_factory=list)  # the non-tensor leaves, in order (None at tensor positions)
+    out_spec: object = None
+    out_consts: list = field(default_factory=list)
+    key: str = ""
+    example: tuple = ()  # the tensor inputs as meta tensors (for the block's own export)
+    devices: tuple = ()
+    shapes: dict = field(default_factory=dict)  # shared by one capture's calls: a look-alike's output shapes
+    returned: list = field(default_factory=list)  # (shape, stride, dtype) of the outputs given to the trace
+    signature: tuple = ()
+    grads: tuple = ()  # which tensor inputs require grad
+    hidden: list = field(default_factory=list)  # (module, its parameters, its buffers) while hidden from the trace
+
+    def hide(self) -> None:
+        """Take the block's tensors out of its modules: the trace of the model then lifts only the
+        glue's (``_stitched`` adds the blocks' back in the whole model's order)."""
+        self.hidden = [(m, m._parameters, m._buffers) for m in self.block.modules()]
+        for m, _, _ in self.hidden:
+            m._parameters, m._buffers = {}, {}
+
+    def show(self) -> None:
+        for m, params, buffers in self.hidden:
+            m._parameters, m._buffers = params, buffers
+        self.hidden = []
+
+    def rebuild(self, xs):
+        it = iter(xs)
+        leaves = [next(it) if c is _TENSOR else c for c in self.consts]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def record(self, metas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the block on ``meta`` tensors under the recorder; set its key; return its tensor outputs."""
+        params = {n: _meta_like(t, t.requires_grad) for n, t in [*self.block.named_parameters(remove_duplicate=False),
+                                                *self.block.named_buffers(remove_duplicate=False)]}
+        names = {id(m): f"in{i}" for i, m in enumerate(metas)}
+        names.update({id(t): f"p:{n}" for n, t in params.items()})
+        rec = _Recorder(names)
+        args, kwargs = self.rebuild(metas)
+        try:
+            with torch.nn.utils.stateless._reparametrize_module(self.block, params), rec:
+                out = self.forward(*args, **kwargs)
+        except Exception as e:
+            raise RegionsUnsupported(f"{self.fqn} does not run on meta ({type(e).__name__}: {e})") from e
+        leaves, out_spec = pytree.tree_flatten(out)
+        if any(isinstance(x, torch.Tensor) and rec.names.get(id(x), "").startswith("p:") for x in leaves):
+            raise RegionsUnsupported(f"{self.fqn} returns one of its parameters as it is")
+        # an input handed back as it is (T5's position bias) stays that input; the op returns the rest
+        out_consts = [(_Input(int(rec.names[id(x)][2:])) if rec.names.get(id(x), "").startswith("in") else _TENSOR)
+                      if isinstance(x, torch.Tensor) else x for x in leaves]
+        if self.out_spec is not None and (out_spec != self.out_spec or rec.token(out_consts) != rec.token(self.out_consts)):
+            raise RegionsUnsupported(f"{self.fqn} returns a different structure than traced")
+        self.out_spec, self.out_consts = out_spec, out_consts
+        outs = [x for x, c in zip(leaves, out_consts) if c is _TENSOR]
+        described = (type(self.block).__module__, type(self.block).__qualname__,
+                     tuple((n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in params.items()),
+                     tuple((tuple(m.shape), tuple(m.stride()), m.dtype, m.requires_grad) for m in metas),
+                     rec.token(self.consts), str(self.spec), str(out_spec), rec.token(out_consts),
+                     tuple(rec.token(x) for x in outs), tuple(rec.ops), tuple(str(d) for d in self.devices),
+                     torch.is_grad_enabled(), self.block.training)
+        self.key = hashlib.sha256(repr(described).encode()).hexdigest()
+        return outs
+
+    def run(self, xs):
+        """The fake implementation, while the model is traced: the block's outputs' shapes.
+
+        A call whose block, inputs and constants look like an earlier call's (``_signature``)
+        reuses that call's outputs' shapes here; ``capture_regions`` records every call after
+        the trace and checks that its outputs are the ones returned."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            self.example = tuple(_meta_like(x, g) for x, g in zip(xs, self.grads))
+            self.devices = tuple(x.device for x in xs)
+            guess = (self.signature, tuple((tuple(m.shape), tuple(m.stride()), m.dtype, m.requires_grad)
+                                           for m in self.example),
+                     self.devices, repr([c for c in self.consts if c is not _TENSOR]), str(self.spec))
+            seen = self.shapes.get(guess)
+            if seen is None:
+                hidden = bool(self.hidden)
+                self.show()
+                try:
+                    outs = self.record(list(self.example))
+                finally:
+                    if hidden:
+                        self.hide()
+                seen = self.shapes[guess] = (self.out_spec, self.out_consts,
+                                             [(tuple(o.shape), tuple(o.stride()), o.dtype) for o in outs])
+            else:
+                self.out_spec, self.out_consts = seen[0], seen[1]
+            self.returned = seen[2]
+        return [torch.empty_strided(shape, stride, dtype=dtype, device=xs[0].device) for shape, stride, dtype in seen[2]]
+
+
+_TENSOR = object()  # marks a tensor leaf among a call's constants
+
+
+@dataclass(frozen=True)
+class _Input:
+    """Marks an output leaf that is the block's tensor input ``index``, returned as it is."""
+
+    index: int
+
+
+def _stub(call: _Call, key: int):
+    def forward(*args, **kwargs):
+        leaves, call.spec = pytree.tree_flatten((args, kwargs))
+        call.consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        call.grads = tuple(x.requires_grad for x in tensors)  # (the op's fake implementation sees none)
+        outs = iter(torch.ops.autotp.block_call(tensors, key))
+        return pytree.tree_unflatten([next(outs) if c is _TENSOR else tensors[c.index] if isinstance(c, _Input) else c
+                                      for c in call.out_consts], call.out_spec)
+
+    return forward
+
+
+class _Flat(nn.Module):
+    """A block called with its tensor inputs only, returning its tensor outputs: what is exported."""
+
+    def __init__(self, call: _Call):
+        super().__init__()
+        self.block = call.block
+        self.call = [call]  # not a submodule
+
+    def forward(self, *xs):
+        call = self.call[0]
+        args, kwargs = call.rebuild(xs)
+        leaves = pytree.tree_leaves(call.forward(*args, **kwargs))
+        return [x for x, c in zip(leaves, call.out_consts) if c is _TENSOR]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# capture
+
+
+def capture_regions(model: nn.Module, args: tuple, kwargs: dict, *, export, progress=None) -> GraphModule:
+    """The model's graph, its repeated blocks exported once each.
+
+    ``export(module, args, kwargs, what)`` is the caller's ``torch.export`` (returning the raw
+    unlifted ``GraphModule``).  Raises ``RegionsUnsupported`` when there is nothing to reuse or
+    this path does not apply (the caller then captures the model whole)."""
+    blocks = block_runs(model)
+    if not blocks:
+        raise RegionsUnsupported("no repeated blocks")
+    enabled = gc.isenabled()
+    gc.disable()  # the collector's passes over the traces' many small objects cost more than the stitching
+    try:
+        return _capture(model, blocks, args, kwargs, export=export, progress=progress)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
+    mine = [id(m) for _, block in blocks for m in block.modules()]
+    if len(set(mine)) != len(mine) or any(id(m) in set(mine) for m in _outside(model, {f for f, _ in blocks})):
+        raise RegionsUnsupported("a module is shared between blocks, or between a block and the rest")
+    calls: dict[int, _Call] = {}
+    shapes: dict = {}
+    with _lock:
+        for fqn, block in blocks:
+            if "forward" in vars(block):
+                raise RegionsUnsupported(f"{fqn}.forward is an instance attribute")
+            key = _next_key[0]
+            _next_key[0] += 1
+            calls[key] = _calls[key] = _Call(fqn, block, block.forward, shapes=shapes, signature=_signature(block))
+    try:
+        order = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
+                [n for n, _ in model.named_buffers(remove_duplicate=False)]
+        tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+        persistent = {n for n in tensors if _is_persistent(model, n)}
+        try:
+            for key, call in calls.items():
+                call.block.forward = _stub(call, key)
+                call.hide()
+            glue = export(model, args, kwargs, type(model).__name__)
+        finally:
+            for call in calls.values():
+                if "forward" in vars(call.block):
+                    del call.block.forward
+                call.show()
+        sites = [n for n in glue.graph.nodes if n.op == "call_function" and n.target is torch.ops.autotp.block_call.default]
+        if not sites:
+            raise RegionsUnsupported("no block was called")
+        if any(n.op == "call_module" and n.target != "_guards_fn" for n in glue.graph.nodes):
+            raise RegionsUnsupported("the graph calls submodules")
+        exported: dict[str, GraphModule] = {}
+        for site in sites:
+            call = calls[site.args[1]]
+            outs = call.record(list(call.example))  # here, not inside the trace: every key alike
+            if [(tuple(o.shape), tuple(o.stride()), o.dtype) for o in outs] != call.returned:
+                raise RegionsUnsupported(f"{call.fqn} returns other shapes than the call it looked like")
+            if call.key not in exported:
+                example = call.example if call.devices[0].type == "meta" else tuple(
+                    torch.zeros(x.shape, dtype=x.dtype, device=d).as_strided(x.shape, x.stride()).requires_grad_(x.requires_grad)
+                    for x, d in zip(call.example, call.devices))
+                exported[call.key] = export(_Flat(call), example, {}, call.fqn)
+        for name in order:  # the blocks' tensors, into the graph module beside the glue's
+            if not _has(glue, name):
+                _assign(glue, name, tensors[name], persistent=name in persistent)
+        gm = _stitched(glue, {site: (calls[site.args[1]], exported[calls[site.args[1]].key]) for site in sites}, order)
+        if progress is not None:
+            progress(len(sites), len(exported))
+        return gm
+    finally:
+        with _lock:
+            for key in calls:
+                _calls.pop(key, None)
+
+
+_SUFFIX = re.compile(r"_\d+$")
+
+
+def _base(node) -> str:
+    """The name ``torch.export`` starts from for an op node (``linear_3`` -> ``linear``)."""
+    return _SUFFIX.sub("", node.name) if node.op in ("call_function", "call_method") else node.name
+
+
+def _block_nodes(call: _Call, block_gm: GraphModule) -> list:
+    """``block_gm``'s nodes to copy: ``(node, kind, extra)`` with the module paths below the block."""
+    out = []
+    for n in block_gm.graph.nodes:
+        if n.op == "call_module":  # the block's own input guards (the model's graph has the model's)
+            if n.users:
+                raise RegionsUnsupported(f"{call.fqn}: a submodule call {n.target} is used")
+            continue
+        if n.op == "get_attr" and not n.target.startswith("block."):
+            raise RegionsUnsupported(f"{call.fqn}: reads {n.target}, not one of its own tensors")
+        stack = []
+        for path, kind in (n.meta.get("nn_module_stack") or {}).values():
+            if path in ("", "block"):
+                continue
+            if not path.startswith("block."):
+                raise RegionsUnsupported(f"{call.fqn}: a node of module {path}")
+            stack.append((path[len("block."):], kind))
+        out.append((n, stack))
+    return out
+
+
+def _outside(model: nn.Module, fqns: set[str]):
+    """The model's modules that are not inside one of the blocks ``fqns``."""
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name not in fqns and not any(name.startswith(f + ".") for f in fqns):
+            yield m
+
+
+def _is_persistent(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(owner)
+    return leaf in mod._parameters or leaf not in mod._non_persistent_buffers_set
+
+
+def _has(root: nn.Module, fqn: str) -> bool:
+    owner, _, leaf = fqn.rpartition(".")
+    try:
+        mod = root.get_submodule(owner)
+    except AttributeError:
+        return False
+    return leaf in mod._parameters or leaf in mod._buffers
+
+
+def _assign(root: nn.Module, fqn: str, tensor: torch.Tensor, *, persistent: bool) -> None:
+    """``root.<fqn> = tensor`` as a parameter or buffer, making the modules on the way (as ``.module()`` does)."""
+    *path, leaf = fqn.split(".")
+    mod = root
+    for p in path:
+        if p not in mod._modules:
+            mod.add_module(p, nn.Module())
+        mod = mod._modules[p]
+    if isinstance(tensor, nn.Parameter):
+        mod.register_parameter(leaf, tensor)
+    else:
+        mod.register_buffer(leaf, tensor, persistent=persistent)
+
+
+_LIFTED = re.compile(r"^lifted_tensor_\d+$")
+
+
+def _attr(root: nn.Module, target: str):
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _set_constant(root: nn.Module, fqn: str, value) -> None:
+    """``root.<fqn> = value`` as a plain attribute (how ``.module()`` holds a tensor constant)."""
+    *path, leaf = fqn.split(".")
+    mod = root
+    for p in path:
+        if p not in mod._modules:
+            mod.add_module(p, nn.Module())
+        mod = mod._modules[p]
+    setattr(mod, leaf, value)
+
+
+def _stitched(glue: GraphModule, sites: dict, order: list[str]) -> GraphModule:
+    """The glue graph with every block call replaced by its block's exported nodes (reading that
+    block's own tensors), all op nodes renamed in order from their base names (``linear``,
+    ``linear_1``, ...) as ``torch.export`` names the nodes of a graph it traces whole."""
+    new = torch.fx.Graph()
+    new._codegen = glue.graph._codegen
+    attrs: dict[str, torch.fx.Node] = {}
+    env: dict = {}
+    templates: dict[int, list] = {}
+    results: dict = {}
+
+    def copy(n, args, kwargs, meta):
+        # arguments set after creation: create_node's own walk over them costs more than this whole copy
+        node = new.create_node(n.op, n.target, (), {}, name=_base(n), type_expr=n.type)
+        node.args, node.kwargs = args, kwargs
+        node.meta = meta
+        return node
+
+    def mapped(x):
+        if isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target is operator.getitem and x.args[0] in results:
+            return results[x.args[0]][x.args[1]]
+        return env[x]
+
+    # Tensor constants (``lifted_tensor_<k>``: a tensor made inside forward) are numbered by
+    # export in the order the trace meets them, the glue's and the blocks' alike: number them so.
+    known = set(order)
+    constants: dict = {}  # (site or None, node) -> its target in the whole graph
+    for n in glue.graph.nodes:
+        for x in ([] if n.op == "get_attr" else n.all_input_nodes):
+            if x.op == "get_attr" and x.target not in known and (None, x) not in constants:
+                constants[(None, x)] = x.target
+        if n in sites:
+            call, block_gm = sites[n]
+            for b in block_gm.graph.nodes:
+                if b.op == "get_attr" and f"{call.fqn}.{b.target[len('block.'):]}" not in known:
+                    constants[(n, b)] = f"{call.fqn}.{b.target[len('block.'):]}"
+    for k, (where, target) in enumerate(constants.items()):
+        owner, _, leaf = target.rpartition(".")
+        name = f"{owner}.{_LIFTED.sub(f'lifted_tensor_{k}', leaf)}" if owner else _LIFTED.sub(f"lifted_tensor_{k}", leaf)
+        site, node = where
+        value = _attr(glue if site is None else sites[site][1], node.target)
+        if site is not None and _LIFTED.match(leaf):
+            value = value.clone()  # made in forward: each block its own, as a whole trace makes them
+        _set_constant(glue, name, value)
+        constants[where] = name
+    for target in order:  # every parameter and buffer first, in the whole model's order (as export lifts them)
+        attrs[target] = new.create_node("get_attr", target)  # named as .module() names it
+    for where, target in constants.items():
+        attrs[where] = new.create_node("get_attr", target)
+        attrs[where].meta = dict(where[1].meta)
+
+    for n in glue.graph.nodes:
+        if n.op == "get_attr":
+            if n.target in known:
+                env[n] = attrs[n.target]
+                env[n].meta = n.meta
+            else:
+                env[n] = attrs[(None, n)]
+            continue
+        if n in sites:
+            call, block_gm = sites[n]
+            nodes = templates.get(id(block_gm))
+            if nodes is None:
+                nodes = templates[id(block_gm)] = _block_nodes(call, block_gm)
+            outer = n.meta.get("nn_module_stack") or {}
+            inputs = [mapped(x) for x in n.args[0]]
+            local: dict = {}
+            stacks: dict = {}  # this block's nodes in one submodule share their module stack
+            placeholders = iter(inputs)
+            for b, stack in nodes:
+                if b.op == "placeholder":
+                    local[b] = next(placeholders, None)
+                    if local[b] is None:
+                        raise RegionsUnsupported(f"{call.fqn}: more graph inputs than tensors")
+                elif b.op == "get_attr":
+                    target = f"{call.fqn}.{b.target[len('block.'):]}"
+                    local[b] = attrs[target] if target in known else attrs[(n, b)]
+                    if not local[b].meta:  # a block's tensor: its value's metadata, as the block's trace saw it
+                        local[b].meta = dict(b.meta)
+                elif b.op == "output":
+                    results[n] = [local[o] for o in pytree.tree_leaves(b.args[0])]
+                else:
+                    meta = dict(b.meta)
+                    if "nn_module_stack" in b.meta:
+                        key = tuple(stack)
+                        if key not in stacks:
+                            stacks[key] = {**outer, **{f"L__self___{call.fqn}.{p}".replace(".", "_"): (f"{call.fqn}.{p}", kind)
+                                                       for p, kind in stack}}
+                        meta["nn_module_stack"] = stacks[key]
+                    local[b] = copy(b, map_arg(b.args, local.__getitem__), map_arg(b.kwargs, local.__getitem__), meta)
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in sites:
+            continue  # an output of a block call: its readers read the block's node
+        env[n] = copy(n, map_arg(n.args, mapped), map_arg(n.kwargs, mapped), n.meta)
+    glue.graph = new
+    return glue
