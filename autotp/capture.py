@@ -9,7 +9,6 @@ structure (an HF ``ModelOutput`` stays one).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import traceback
 
@@ -79,7 +78,6 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
             gm = capture_regions(model, example_inputs, example_kwargs, progress=progress,
                                  export=lambda m, a, k, what: _export(m, a, k, dynamic_shapes=None, what=what, hint=hint))
         except Exception as e:  # captured whole below (exact, only slower; a real failure raises there)
-            if os.environ.get("AUTOTP_DEBUG_REGIONS"): raise
             logger.debug("autotp: capturing %s whole: %s: %s", type(model).__name__, type(e).__name__, e)
         else:
             _canonicalize_attributes(gm)
@@ -133,11 +131,13 @@ def _canonicalize_attributes(gm: GraphModule) -> None:
     weight one placement, and dropping unused attributes keeps no full copy of a sharded one.
     """
     canonical: dict[int, torch.fx.Node] = {}
+    changed = False
     for node in list(gm.graph.nodes):
         if node.op != "get_attr":
             continue
         if not node.users:
             gm.graph.erase_node(node)
+            changed = True
             continue
         t = get_attr(gm, node.target)
         if not isinstance(t, torch.Tensor):
@@ -146,8 +146,10 @@ def _canonicalize_attributes(gm: GraphModule) -> None:
         if first is not node:
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
+            changed = True
     drop_unused_attributes(gm)
-    gm.recompile()
+    if changed:  # (its code is the graph's already otherwise: recompiling 80 layers costs a tenth of a second)
+        gm.recompile()
 
 
 def drop_unused_attributes(gm: GraphModule) -> None:

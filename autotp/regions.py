@@ -543,5 +543,8 @@ def _stitched(glue: GraphModule, sites: dict, order: list[str]) -> GraphModule:
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in sites:
             continue  # an output of a block call: its readers read the block's node
         env[n] = copy(n, map_arg(n.args, mapped), map_arg(n.kwargs, mapped), n.meta)
+    for node in attrs.values():
+        if not node.users:  # (as the caller's clean-up would, before the one recompile)
+            new.erase_node(node)
     glue.graph = new
     return glue
