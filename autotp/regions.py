@@ -128,6 +128,12 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func._schema.is_mutable:  # writing an input or a parameter: the trace around the block would not see it
+            for arg, value in zip(func._schema.arguments, [*args, *(kwargs.get(a.name) for a in
+                                                                     func._schema.arguments[len(args):])]):
+                if (arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor)
+                        and self.names.get(id(value), "").startswith(("in", "p:"))):
+                    raise RegionsUnsupported(f"{func} writes into {self.names[id(value)]}")
         out = func(*args, **kwargs)
         k = len(self.ops)
         outs = pytree.tree_leaves(out)
@@ -200,6 +206,9 @@ class _Call:
         leaves, out_spec = pytree.tree_flatten(out)
         if any(isinstance(x, torch.Tensor) and rec.names.get(id(x), "").startswith("p:") for x in leaves):
             raise RegionsUnsupported(f"{self.fqn} returns one of its parameters as it is")
+        if any(isinstance(x, torch.Tensor) and x._is_view() and rec.names.get(id(x._base), "").startswith(("in", "p:"))
+               for x in leaves):  # (the trace around the block takes its outputs for new tensors)
+            raise RegionsUnsupported(f"{self.fqn} returns a view of an input or parameter")
         # an input handed back as it is (T5's position bias) stays that input; the op returns the rest
         out_consts = [(_Input(int(rec.names[id(x)][2:])) if rec.names.get(id(x), "").startswith("in") else _TENSOR)
                       if isinstance(x, torch.Tensor) else x for x in leaves]

@@ -218,3 +218,47 @@ def test_planning_a_deep_llama_on_meta_reuses_one_block():
     assert seen == {"blocks": 12, "traced": 1}
     _assert_same_graph(whole, stitched)
     _assert_same_plans(whole, stitched, worlds=(2, 8))
+
+
+class _WritesInput(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x):
+        x.mul_(2.0)  # the caller's tensor changes: a trace that keeps this block opaque would miss it
+        return self.lin(x)
+
+
+class _ViewOfInput(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        x.mul_(self.scale)  # (the view returned below shares the input's memory)
+        return x[:, :]
+
+
+@pytest.mark.parametrize("block", [_WritesInput, _ViewOfInput])
+def test_blocks_that_write_or_alias_their_inputs_are_captured_whole(block):
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([block(8), block(8)])
+
+        def forward(self, x):
+            h = x * 1.0
+            for b in self.blocks:
+                h = b(h) + h  # reads h after the block wrote it
+            return h
+
+    model = Net().eval()
+    x = torch.randn(2, 8)
+    seen = {}
+    with torch.no_grad():
+        got = capture(model, (x,), {}, regions=True, progress=lambda n, t: seen.update(blocks=n, traced=t))(x)
+        assert seen == {}
+        assert torch.equal(got, model(x))
