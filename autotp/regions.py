@@ -172,6 +172,7 @@ class _Call:
     signature: tuple = ()
     grads: tuple = ()  # which tensor inputs require grad
     hidden: list = field(default_factory=list)  # (module, its parameters, its buffers) while hidden from the trace
+    owner: "_Call | None" = None  # the block's own record (one per block; one of these per call of it)
 
     def hide(self) -> None:
         """Take the block's tensors out of its modules: the trace of the model then lifts only the
@@ -241,13 +242,14 @@ class _Call:
                      self.devices, repr([c for c in self.consts if c is not _TENSOR]), str(self.spec))
             seen = self.shapes.get(guess)
             if seen is None:
-                hidden = bool(self.hidden)
-                self.show()
+                owner = self.owner or self
+                hidden = bool(owner.hidden)
+                owner.show()
                 try:
                     outs = self.record(list(self.example))
                 finally:
                     if hidden:
-                        self.hide()
+                        owner.hide()
                 seen = self.shapes[guess] = (self.out_spec, self.out_consts,
                                              [(tuple(o.shape), tuple(o.stride()), o.dtype) for o in outs])
             else:
@@ -266,8 +268,14 @@ class _Input:
     index: int
 
 
-def _stub(call: _Call, key: int):
+def _stub(block: _Call, calls: dict):
+    """The block's forward while the model is traced: one ``block_call`` op, a record per call."""
     def forward(*args, **kwargs):
+        with _lock:
+            key = _next_key[0]
+            _next_key[0] += 1
+            call = calls[key] = _calls[key] = _Call(block.fqn, block.block, block.forward, shapes=block.shapes,
+                                                    signature=block.signature, owner=block)
         leaves, call.spec = pytree.tree_flatten((args, kwargs))
         call.consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
@@ -320,30 +328,27 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
     mine = [id(m) for _, block in blocks for m in block.modules()]
     if len(set(mine)) != len(mine) or any(id(m) in set(mine) for m in _outside(model, {f for f, _ in blocks})):
         raise RegionsUnsupported("a module is shared between blocks, or between a block and the rest")
-    calls: dict[int, _Call] = {}
+    for fqn, block in blocks:
+        if "forward" in vars(block):
+            raise RegionsUnsupported(f"{fqn}.forward is an instance attribute")
     shapes: dict = {}
-    with _lock:
-        for fqn, block in blocks:
-            if "forward" in vars(block):
-                raise RegionsUnsupported(f"{fqn}.forward is an instance attribute")
-            key = _next_key[0]
-            _next_key[0] += 1
-            calls[key] = _calls[key] = _Call(fqn, block, block.forward, shapes=shapes, signature=_signature(block))
+    owners = [_Call(fqn, block, block.forward, shapes=shapes, signature=_signature(block)) for fqn, block in blocks]
+    calls: dict[int, _Call] = {}  # one per call of a block (a block may be called more than once)
     try:
         order = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
                 [n for n, _ in model.named_buffers(remove_duplicate=False)]
         tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
         persistent = {n for n in tensors if _is_persistent(model, n)}
         try:
-            for key, call in calls.items():
-                call.block.forward = _stub(call, key)
-                call.hide()
+            for owner in owners:
+                owner.block.forward = _stub(owner, calls)
+                owner.hide()
             glue = export(model, args, kwargs, type(model).__name__)
         finally:
-            for call in calls.values():
-                if "forward" in vars(call.block):
-                    del call.block.forward
-                call.show()
+            for owner in owners:
+                if "forward" in vars(owner.block):
+                    del owner.block.forward
+                owner.show()
         sites = [n for n in glue.graph.nodes if n.op == "call_function" and n.target is torch.ops.autotp.block_call.default]
         if not sites:
             raise RegionsUnsupported("no block was called")
@@ -369,7 +374,7 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
         return gm
     finally:
         with _lock:
-            for key in calls:
+            for key in list(calls):
                 _calls.pop(key, None)
 
 
@@ -555,5 +560,10 @@ def _stitched(glue: GraphModule, sites: dict, order: list[str]) -> GraphModule:
     for node in attrs.values():
         if not node.users:  # (as the caller's clean-up would, before the one recompile)
             new.erase_node(node)
+    guards = next((x for x in new.nodes if x.op == "call_module"), None)
+    first = next((x for x in new.nodes if x.op == "call_function"), None)
+    if guards is not None and first is not None and "nn_module_stack" in guards.meta:
+        # export gives its input guards the module stack of the first op it traced
+        guards.meta = {**guards.meta, "nn_module_stack": first.meta.get("nn_module_stack")}
     glue.graph = new
     return glue

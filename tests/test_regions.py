@@ -262,3 +262,28 @@ def test_blocks_that_write_or_alias_their_inputs_are_captured_whole(block):
         got = capture(model, (x,), {}, regions=True, progress=lambda n, t: seen.update(blocks=n, traced=t))(x)
         assert seen == {}
         assert torch.equal(got, model(x))
+
+
+def test_a_block_called_twice_is_two_calls():
+    # Weight sharing (ALBERT-like): one block run at two places, with different inputs.
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([_Block(8), _Block(8)])
+            self.extra = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            x = self.blocks[0](x)
+            x = self.blocks[1](x, bias=self.extra)
+            x = self.blocks[0](x, bias=self.extra)  # the first block again, now with a bias
+            return self.blocks[1](x)
+
+    model = Net().eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():  # (with grad, the first call's input alone would not require grad: a third graph)
+        whole, stitched, seen = _both(model, (x,), {})
+    assert seen == {"blocks": 4, "traced": 2}
+    _assert_same_graph(whole, stitched)
+    assert torch.equal(stitched(x), model(x))
