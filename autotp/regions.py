@@ -146,6 +146,23 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def _state(block: nn.Module) -> list:
+    """What each module of ``block`` holds besides its tensors and submodules (by identity)."""
+    skip = ("_parameters", "_buffers", "_modules")
+    return [sorted((k, id(v)) for k, v in vars(m).items() if k not in skip) for m in block.modules()]
+
+
+def _hooked(block: nn.Module) -> bool:
+    """Hooks that run inside the block (its own run around the opaque call) or on every module."""
+    from torch.nn.modules import module as M
+
+    inner = [m for m in block.modules() if m is not block]
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(m, k, None) for m in inner for k in kinds) or any(
+        getattr(M, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                                      "_global_backward_pre_hooks"))
+
+
 def _meta_like(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """An empty ``meta`` twin of ``t``; ``grad``: requiring grad (which changes what some ops run,
     e.g. the attention kernel ``scaled_dot_product_attention`` picks)."""
@@ -199,11 +216,20 @@ class _Call:
         names.update({id(t): f"p:{n}" for n, t in params.items()})
         rec = _Recorder(names)
         args, kwargs = self.rebuild(metas)
+        given = pytree.tree_leaves((args, kwargs))
+        state = _state(self.block)
         try:
             with torch.nn.utils.stateless._reparametrize_module(self.block, params), rec:
                 out = self.forward(*args, **kwargs)
         except Exception as e:
             raise RegionsUnsupported(f"{self.fqn} does not run on meta ({type(e).__name__}: {e})") from e
+        # Side effects the trace around an opaque block would miss: into a list or dict it was
+        # given (a caller collecting extra outputs), or on its modules' attributes.
+        after, spec = pytree.tree_flatten((args, kwargs))
+        if str(spec) != str(self.spec) or any(a is not b for a, b in zip(after, given)):
+            raise RegionsUnsupported(f"{self.fqn} changes a list or dict it was given")
+        if _state(self.block) != state:
+            raise RegionsUnsupported(f"{self.fqn} sets attributes of its modules when called")
         leaves, out_spec = pytree.tree_flatten(out)
         if any(isinstance(x, torch.Tensor) and rec.names.get(id(x), "").startswith("p:") for x in leaves):
             raise RegionsUnsupported(f"{self.fqn} returns one of its parameters as it is")
@@ -331,6 +357,8 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
     for fqn, block in blocks:
         if "forward" in vars(block):
             raise RegionsUnsupported(f"{fqn}.forward is an instance attribute")
+        if _hooked(block):
+            raise RegionsUnsupported(f"{fqn} has module hooks inside (an opaque trace would not run them)")
     shapes: dict = {}
     owners = [_Call(fqn, block, block.forward, shapes=shapes, signature=_signature(block)) for fqn, block in blocks]
     calls: dict[int, _Call] = {}  # one per call of a block (a block may be called more than once)

@@ -287,3 +287,63 @@ def test_a_block_called_twice_is_two_calls():
     assert seen == {"blocks": 4, "traced": 2}
     _assert_same_graph(whole, stitched)
     assert torch.equal(stitched(x), model(x))
+
+
+class _Taps(nn.Module):
+    """Appends an extra output to a list its caller gave it (the fuzzer's ``tap`` ops)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x, taps):
+        y = self.lin(x)
+        taps.append(y.logsumexp(-1))
+        return x + y
+
+
+class _Counts(nn.Module):
+    """Keeps its last output on itself."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x, taps):
+        self.last = self.lin(x)
+        return x + self.last
+
+
+class _HookedInside(_Counts):
+    def __init__(self, width):
+        super().__init__(width)
+        self.lin.register_forward_hook(lambda mod, inp, out: out * 2.0)
+
+    def forward(self, x, taps):
+        return x + self.lin(x)
+
+
+@pytest.mark.parametrize("block", [_Taps, _Counts, _HookedInside])
+def test_blocks_with_side_effects_are_captured_whole(block):
+    # An opaque block's side effects would be missing from the trace around it.
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([block(8), block(8)])
+
+        def forward(self, x):
+            taps = []
+            for b in self.blocks:
+                x = b(x, taps)
+            return (x, *taps)
+
+    model = Net().eval()
+    x = torch.randn(2, 8)
+    seen = {}
+    with torch.no_grad():
+        got = capture(model, (x,), {}, regions=True, progress=lambda n, t: seen.update(blocks=n, traced=t))(x)
+        want = model(x)
+    assert seen == {}
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
