@@ -26,25 +26,20 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import operator
-import re
 import threading
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .stitch import RegionsUnsupported, assign, has_tensor, is_persistent, stitched
 
 __all__ = ["block_runs", "capture_regions", "RegionsUnsupported"]
 
 MIN_REPEATS = 2  # a class of blocks is made opaque when at least this many children share a signature
-
-
-class RegionsUnsupported(Exception):
-    """Regional capture does not apply here; the caller captures the model whole."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,7 +361,7 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
         order = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
                 [n for n, _ in model.named_buffers(remove_duplicate=False)]
         tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-        persistent = {n for n in tensors if _is_persistent(model, n)}
+        persistent = {n for n in tensors if is_persistent(model, n)}
         try:
             for owner in owners:
                 owner.block.forward = _stub(owner, calls)
@@ -394,9 +389,9 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
                     for x, d in zip(call.example, call.devices))
                 exported[call.key] = export(_Flat(call), example, {}, call.fqn)
         for name in order:  # the blocks' tensors, into the graph module beside the glue's
-            if not _has(glue, name):
-                _assign(glue, name, tensors[name], persistent=name in persistent)
-        gm = _stitched(glue, {site: (calls[site.args[1]], exported[calls[site.args[1]].key]) for site in sites}, order)
+            if not has_tensor(glue, name):
+                assign(glue, name, tensors[name], kind="buffer" if name in persistent else "non-persistent buffer")
+        gm = stitched(glue, {site: (calls[site.args[1]], exported[calls[site.args[1]].key]) for site in sites}, order)
         if progress is not None:
             progress(len(sites), len(exported))
         return gm
@@ -406,192 +401,8 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
                 _calls.pop(key, None)
 
 
-_SUFFIX = re.compile(r"_\d+$")
-
-
-def _base(node) -> str:
-    """The name ``torch.export`` starts from for an op node (``linear_3`` -> ``linear``)."""
-    return _SUFFIX.sub("", node.name) if node.op in ("call_function", "call_method") else node.name
-
-
-def _block_nodes(call: _Call, block_gm: GraphModule) -> list:
-    """``block_gm``'s nodes to copy: ``(node, kind, extra)`` with the module paths below the block."""
-    out = []
-    for n in block_gm.graph.nodes:
-        if n.op == "call_module":  # the block's own input guards (the model's graph has the model's)
-            if n.users:
-                raise RegionsUnsupported(f"{call.fqn}: a submodule call {n.target} is used")
-            continue
-        if n.op == "get_attr" and not n.target.startswith("block."):
-            raise RegionsUnsupported(f"{call.fqn}: reads {n.target}, not one of its own tensors")
-        stack = []
-        for path, kind in (n.meta.get("nn_module_stack") or {}).values():
-            if path in ("", "block"):
-                continue
-            if not path.startswith("block."):
-                raise RegionsUnsupported(f"{call.fqn}: a node of module {path}")
-            stack.append((path[len("block."):], kind))
-        out.append((n, stack))
-    return out
-
-
 def _outside(model: nn.Module, fqns: set[str]):
     """The model's modules that are not inside one of the blocks ``fqns``."""
     for name, m in model.named_modules(remove_duplicate=False):
         if name not in fqns and not any(name.startswith(f + ".") for f in fqns):
             yield m
-
-
-def _is_persistent(model: nn.Module, name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(owner)
-    return leaf in mod._parameters or leaf not in mod._non_persistent_buffers_set
-
-
-def _has(root: nn.Module, fqn: str) -> bool:
-    owner, _, leaf = fqn.rpartition(".")
-    try:
-        mod = root.get_submodule(owner)
-    except AttributeError:
-        return False
-    return leaf in mod._parameters or leaf in mod._buffers
-
-
-def _assign(root: nn.Module, fqn: str, tensor: torch.Tensor, *, persistent: bool) -> None:
-    """``root.<fqn> = tensor`` as a parameter or buffer, making the modules on the way (as ``.module()`` does)."""
-    *path, leaf = fqn.split(".")
-    mod = root
-    for p in path:
-        if p not in mod._modules:
-            mod.add_module(p, nn.Module())
-        mod = mod._modules[p]
-    if isinstance(tensor, nn.Parameter):
-        mod.register_parameter(leaf, tensor)
-    else:
-        mod.register_buffer(leaf, tensor, persistent=persistent)
-
-
-_LIFTED = re.compile(r"^lifted_tensor_\d+$")
-
-
-def _attr(root: nn.Module, target: str):
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def _set_constant(root: nn.Module, fqn: str, value) -> None:
-    """``root.<fqn> = value`` as a plain attribute (how ``.module()`` holds a tensor constant)."""
-    *path, leaf = fqn.split(".")
-    mod = root
-    for p in path:
-        if p not in mod._modules:
-            mod.add_module(p, nn.Module())
-        mod = mod._modules[p]
-    setattr(mod, leaf, value)
-
-
-def _stitched(glue: GraphModule, sites: dict, order: list[str]) -> GraphModule:
-    """The glue graph with every block call replaced by its block's exported nodes (reading that
-    block's own tensors), all op nodes renamed in order from their base names (``linear``,
-    ``linear_1``, ...) as ``torch.export`` names the nodes of a graph it traces whole."""
-    new = torch.fx.Graph()
-    new._codegen = glue.graph._codegen
-    attrs: dict[str, torch.fx.Node] = {}
-    env: dict = {}
-    templates: dict[int, list] = {}
-    results: dict = {}
-
-    def copy(n, args, kwargs, meta):
-        # arguments set after creation: create_node's own walk over them costs more than this whole copy
-        node = new.create_node(n.op, n.target, (), {}, name=_base(n), type_expr=n.type)
-        node.args, node.kwargs = args, kwargs
-        node.meta = meta
-        return node
-
-    def mapped(x):
-        if isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target is operator.getitem and x.args[0] in results:
-            return results[x.args[0]][x.args[1]]
-        return env[x]
-
-    # Tensor constants (``lifted_tensor_<k>``: a tensor made inside forward) are numbered by
-    # export in the order the trace meets them, the glue's and the blocks' alike: number them so.
-    known = set(order)
-    constants: dict = {}  # (site or None, node) -> its target in the whole graph
-    for n in glue.graph.nodes:
-        for x in ([] if n.op == "get_attr" else n.all_input_nodes):
-            if x.op == "get_attr" and x.target not in known and (None, x) not in constants:
-                constants[(None, x)] = x.target
-        if n in sites:
-            call, block_gm = sites[n]
-            for b in block_gm.graph.nodes:
-                if b.op == "get_attr" and f"{call.fqn}.{b.target[len('block.'):]}" not in known:
-                    constants[(n, b)] = f"{call.fqn}.{b.target[len('block.'):]}"
-    for k, (where, target) in enumerate(constants.items()):
-        owner, _, leaf = target.rpartition(".")
-        name = f"{owner}.{_LIFTED.sub(f'lifted_tensor_{k}', leaf)}" if owner else _LIFTED.sub(f"lifted_tensor_{k}", leaf)
-        site, node = where
-        value = _attr(glue if site is None else sites[site][1], node.target)
-        if site is not None and _LIFTED.match(leaf):
-            value = value.clone()  # made in forward: each block its own, as a whole trace makes them
-        _set_constant(glue, name, value)
-        constants[where] = name
-    for target in order:  # every parameter and buffer first, in the whole model's order (as export lifts them)
-        attrs[target] = new.create_node("get_attr", target)  # named as .module() names it
-    for where, target in constants.items():
-        attrs[where] = new.create_node("get_attr", target)
-        attrs[where].meta = dict(where[1].meta)
-
-    for n in glue.graph.nodes:
-        if n.op == "get_attr":
-            if n.target in known:
-                env[n] = attrs[n.target]
-                env[n].meta = n.meta
-            else:
-                env[n] = attrs[(None, n)]
-            continue
-        if n in sites:
-            call, block_gm = sites[n]
-            nodes = templates.get(id(block_gm))
-            if nodes is None:
-                nodes = templates[id(block_gm)] = _block_nodes(call, block_gm)
-            outer = n.meta.get("nn_module_stack") or {}
-            inputs = [mapped(x) for x in n.args[0]]
-            local: dict = {}
-            stacks: dict = {}  # this block's nodes in one submodule share their module stack
-            placeholders = iter(inputs)
-            for b, stack in nodes:
-                if b.op == "placeholder":
-                    local[b] = next(placeholders, None)
-                    if local[b] is None:
-                        raise RegionsUnsupported(f"{call.fqn}: more graph inputs than tensors")
-                elif b.op == "get_attr":
-                    target = f"{call.fqn}.{b.target[len('block.'):]}"
-                    local[b] = attrs[target] if target in known else attrs[(n, b)]
-                    if not local[b].meta:  # a block's tensor: its value's metadata, as the block's trace saw it
-                        local[b].meta = dict(b.meta)
-                elif b.op == "output":
-                    results[n] = [local[o] for o in pytree.tree_leaves(b.args[0])]
-                else:
-                    meta = dict(b.meta)
-                    if "nn_module_stack" in b.meta:
-                        key = tuple(stack)
-                        if key not in stacks:
-                            stacks[key] = {**outer, **{f"L__self___{call.fqn}.{p}".replace(".", "_"): (f"{call.fqn}.{p}", kind)
-                                                       for p, kind in stack}}
-                        meta["nn_module_stack"] = stacks[key]
-                    local[b] = copy(b, map_arg(b.args, local.__getitem__), map_arg(b.kwargs, local.__getitem__), meta)
-            continue
-        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in sites:
-            continue  # an output of a block call: its readers read the block's node
-        env[n] = copy(n, map_arg(n.args, mapped), map_arg(n.kwargs, mapped), n.meta)
-    for node in attrs.values():
-        if not node.users:  # (as the caller's clean-up would, before the one recompile)
-            new.erase_node(node)
-    guards = next((x for x in new.nodes if x.op == "call_module"), None)
-    first = next((x for x in new.nodes if x.op == "call_function"), None)
-    if guards is not None and first is not None and "nn_module_stack" in guards.meta:
-        # export gives its input guards the module stack of the first op it traced
-        guards.meta = {**guards.meta, "nn_module_stack": first.meta.get("nn_module_stack")}
-    glue.graph = new
-    return glue
