@@ -33,10 +33,10 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
-                       output_leaves, output_node, param_of, tensor_inputs)
+                       output_leaves, output_node, param_of, param_view_keeps_zero, tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
-from .rules.padding import ZERO
+from .rules.padding import FINITE, ZERO
 from .runtime import REDISTRIBUTIONS, redistribution_chain
 
 R = Replicate()
@@ -142,6 +142,14 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
                     ins[x] = p if (isinstance(p, Shard) and (local or not ctx.gather_outputs)) else R
             decisions[node] = Decision(None, ins, why="outputs are replicated" if ctx.gather_outputs else
                                        "outputs: partial sums reduced, shards left local")
+            continue
+        if param_of(node) is not None:
+            # computed from a parameter alone: placed where it is read, like the parameter itself
+            # (the reader asks for a slice of the parameter, and each rank computes its slice)
+            decisions[node] = Decision(None, {}, why="computed from a parameter alone: placed where it is read")
+            pl[node] = None
+            if not param_view_keeps_zero(node):
+                ctx.pad_state[node] = FINITE  # exp(0) = 1: an uneven shard's zero padding becomes nonzero
             continue
         try:
             try:
@@ -316,6 +324,7 @@ def _record_redistributions(a: Analysis) -> None:
                     a.redistributions.append(Redistribution(x, node, R, req, "to_partial"))
                     requests.setdefault(base, []).append((node, x, R, R, False))
                     continue
+                assert not isinstance(req, Shard) or perm[req.dim] is not None, f"{node.name} shards a size-1 dim"
                 base_req = Shard(perm[req.dim], req.chunks) if isinstance(req, Shard) else R
                 requests.setdefault(base, []).append((node, x, base_req, req, out_sharded))
                 continue
