@@ -20,6 +20,14 @@ issue at run time (``CommDebugMode``) are as many as the plan lists.
 * ``moe``: Mixtral, whose experts are 3-D weights (``gate_up_proj (E, 2I, H)``, ``down_proj
   (E, H, I)``) run through a grouped matmul: column -> row inside every expert, the router
   replicated; one all-reduce for the attention and one for the MoE per layer.
+* ``state_space``: Mamba (its CPU path: causal depthwise conv1d, then a selective scan written as a
+  loop over the sequence), sharded by channels as Megatron shards it: ``in_proj`` column-parallel
+  (its output chunked into x and the gate z, each split by channels), the depthwise conv per
+  channel (weight, bias and ``groups`` local), ``x_proj`` row-parallel -- dt, B and C are needed
+  whole: one all-reduce before their split --, ``dt_proj`` column-parallel though written
+  ``W @ dt`` (left-multiplied), ``A_log`` and ``D`` split by channel though read through
+  ``-exp(A_log.float())`` and size-1 dims, the scan on the rank's channels, ``out_proj``
+  row-parallel: two all-reduces per layer.
 """
 from __future__ import annotations
 
@@ -63,12 +71,16 @@ def _build(case: str):
                                          num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2)
         return transformers.MixtralForCausalLM(cfg).eval()
+    if case == "state_space":
+        cfg = transformers.MambaConfig(hidden_size=64, intermediate_size=128, state_size=8, time_step_rank=8,
+                                       conv_kernel=4, num_hidden_layers=LAYERS, vocab_size=VOCAB)
+        return transformers.MambaForCausalLM(cfg).eval()
     raise KeyError(case)
 
 
 # case -> forward all-reduces per layer at the optimum (the vocab-parallel embedding adds one)
 CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2,
-         "weight_transposed": 2}
+         "weight_transposed": 2, "state_space": 2}
 # case -> the shape of the weight matrices that stay whole (the MoE router: experts x hidden)
 WHOLE = {"moe": (4, 64)}
 
