@@ -27,7 +27,9 @@ issue at run time (``CommDebugMode``) are as many as the plan lists.
   whole: one all-reduce before their split --, ``dt_proj`` column-parallel though written
   ``W @ dt`` (left-multiplied), ``A_log`` and ``D`` split by channel though read through
   ``-exp(A_log.float())`` and size-1 dims, the scan on the rank's channels, ``out_proj``
-  row-parallel: two all-reduces per layer.
+  row-parallel: two all-reduces per layer.  Backward too: dt, B and C (C read once per time step)
+  reach the sharded scan along paths of replicated ops, and one ``copy`` where they meet, after
+  the all-reduce, sums their gradients once.
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ def _build(case: str):
 # case -> forward all-reduces per layer at the optimum (the vocab-parallel embedding adds one)
 CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2,
          "weight_transposed": 2, "state_space": 2}
+# case -> backward all-reduces per layer where the class promises it (Mamba: the gradients of x_proj's
+# input and of in_proj's input, each reduced once; the LM head's input adds one)
+BACKWARD = {"state_space": 2}
 # case -> the shape of the weight matrices that stay whole (the MoE router: experts x hidden)
 WHOLE = {"moe": (4, 64)}
 
@@ -128,6 +133,7 @@ def _check(case: str, world: int, rank: int) -> dict:
         "planned": {ph: len([c for c in plan.collectives if c.phase == ph]) for ph in ("forward", "backward")},
         "ran": {"forward": _counted(fwd), "backward": _counted(bwd)},
         "all_reduces": plan.counts("forward").get("all_reduce", 0),
+        "bwd_all_reduces": plan.counts("backward").get("all_reduce", 0),
     }
 
 
@@ -148,3 +154,5 @@ def test_class(case, world):
         assert r["share"] <= 1 / world + 0.1, (rank, r)
         assert r["ran"] == r["planned"], (rank, r)  # the plan lists what runs, forward and backward
         assert r["all_reduces"] == CASES[case] * LAYERS + 1, (rank, r)
+        if case in BACKWARD:
+            assert r["bwd_all_reduces"] == BACKWARD[case] * LAYERS + 1, (rank, r)
