@@ -171,6 +171,11 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
             vals = node.meta.get("val")
             out = [R] * len(vals) if isinstance(vals, (list, tuple)) else R
             dec = Decision(out, {x: R for x in tins}, why=f"replicated: {e.reason}")
+        if dec.out is not None:  # (not a metadata check) a parameter a rule read without placing it: whole
+            placed = {found[0] for y in dec.inputs if (found := param_of(y)) is not None}
+            for x in tensor_inputs(node):
+                if (found := param_of(x)) is not None and found[0] not in placed:
+                    dec.inputs[x] = R
         decisions[node] = dec
         pl[node] = dec.out
         pad = dec.pad if dec.pad is not None else max(
