@@ -93,12 +93,15 @@ def _elementwise_of_one(x: Node) -> Node | None:
     return first
 
 
-def param_of(x: Any) -> tuple[Node, tuple[int | None, ...]] | None:
+def param_of(x: Any, *, computed: bool = True) -> tuple[Node, tuple[int | None, ...]] | None:
     """If ``x`` is a parameter (``get_attr``), possibly through ``t``/``transpose``/``permute``, size-1
     dims inserted or removed, and elementwise ops of it alone (``-exp(A.float())``), return
     ``(get_attr node, perm)`` where ``perm`` maps x's dims to the parameter's dims (``None`` for
     an inserted size-1 dim).  Such a value is computed from a parameter alone, so a rank holding a
-    slice of the parameter computes the matching slice of it: it is placed where it is read."""
+    slice of the parameter computes the matching slice of it: it is placed where it is read.
+    ``computed=False``: through the dim permutations only (what a linear's weight is read through:
+    a cast weight, ``linear(x, W.float())``, is not seeded -- hyper-connection mixers read so are
+    tiny, and sharding them would split their streams)."""
     if not isinstance(x, Node):
         return None
     if x.op == "get_attr":
@@ -107,7 +110,7 @@ def param_of(x: Any) -> tuple[Node, tuple[int | None, ...]] | None:
         return x, tuple(range(nd))
     if x.op != "call_function" or not isinstance(x.args[0] if x.args else None, Node):
         return None
-    if x.target in _UNIT_DIMS:
+    if x.target in _UNIT_DIMS and computed:
         inner = param_of(x.args[0])
         if inner is None:
             return None
@@ -121,7 +124,7 @@ def param_of(x: Any) -> tuple[Node, tuple[int | None, ...]] | None:
         gone = {d % nd for d in dims if shape[d % nd] == 1}
         return base, tuple(p for d, p in enumerate(perm) if d not in gone)
     if x.target in _PERMUTING:
-        inner = param_of(x.args[0])
+        inner = param_of(x.args[0], computed=computed)
         if inner is None:
             return None
         base, perm = inner
@@ -135,7 +138,7 @@ def param_of(x: Any) -> tuple[Node, tuple[int | None, ...]] | None:
         else:
             order = [d % nd for d in x.args[1]]
         return base, tuple(perm[o] for o in order)
-    one = _elementwise_of_one(x)
+    one = _elementwise_of_one(x) if computed else None
     return param_of(one) if one is not None else None
 
 
@@ -195,7 +198,7 @@ def linear_weight(node: Node) -> tuple[LinearSig, Node, int, int] | None:
         if sig.left and (param_of(node.args[sig.x]) is not None or not is_tensor_node(node.args[sig.x])
                          or node.args[sig.x].meta["val"].dim() < 2):
             continue
-        found = param_of(node.args[sig.w])
+        found = param_of(node.args[sig.w], computed=False)
         if found is None:
             continue
         w, perm = found
@@ -227,7 +230,7 @@ def grouped_weight(node: Node) -> tuple[LinearSig, Node, int, int] | None:
     sig = GROUPED_OPS.get(op_name(node))
     if sig is None or len(node.args) <= sig.w:
         return None
-    found = param_of(node.args[sig.w])
+    found = param_of(node.args[sig.w], computed=False)
     if found is None or len(found[1]) != 3:
         return None
     w, perm = found
