@@ -87,9 +87,6 @@ def _elementwise_of_one(x: Node) -> Node | None:
     first = x.args[0]
     if not isinstance(first, Node) or any(isinstance(a, Node) for a in list(x.args[1:]) + list(x.kwargs.values())):
         return None
-    val, src = x.meta.get("val"), first.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not isinstance(src, torch.Tensor) or val.shape != src.shape:
-        return None
     return first
 
 
@@ -139,7 +136,12 @@ def param_of(x: Any, *, computed: bool = True) -> tuple[Node, tuple[int | None, 
             order = [d % nd for d in x.args[1]]
         return base, tuple(perm[o] for o in order)
     one = _elementwise_of_one(x) if computed else None
-    return param_of(one) if one is not None else None
+    inner = param_of(one) if one is not None else None
+    # (shapes read only once the operand is known to be a parameter's: static, never guarded on)
+    val, src = x.meta.get("val"), one.meta.get("val") if inner is not None else None
+    if inner is None or not isinstance(val, torch.Tensor) or not isinstance(src, torch.Tensor) or val.shape != src.shape:
+        return None
+    return inner
 
 
 def param_view_keeps_zero(x: Node) -> bool:
