@@ -33,10 +33,10 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
-                       output_leaves, output_node, param_of, tensor_inputs)
+                       output_leaves, output_node, param_of, param_view_keeps_zero, tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
-from .rules.padding import ZERO
+from .rules.padding import FINITE, ZERO
 from .runtime import REDISTRIBUTIONS, redistribution_chain
 
 R = Replicate()
@@ -143,6 +143,14 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
             decisions[node] = Decision(None, ins, why="outputs are replicated" if ctx.gather_outputs else
                                        "outputs: partial sums reduced, shards left local")
             continue
+        if param_of(node) is not None:
+            # computed from a parameter alone: placed where it is read, like the parameter itself
+            # (the reader asks for a slice of the parameter, and each rank computes its slice)
+            decisions[node] = Decision(None, {}, why="computed from a parameter alone: placed where it is read")
+            pl[node] = None
+            if not param_view_keeps_zero(node):
+                ctx.pad_state[node] = FINITE  # exp(0) = 1: an uneven shard's zero padding becomes nonzero
+            continue
         try:
             try:
                 dec = rule_for(node)(ctx, node)
@@ -163,6 +171,11 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
             vals = node.meta.get("val")
             out = [R] * len(vals) if isinstance(vals, (list, tuple)) else R
             dec = Decision(out, {x: R for x in tins}, why=f"replicated: {e.reason}")
+        if dec.out is not None:  # (not a metadata check) a parameter a rule read without placing it: whole
+            placed = {found[0] for y in dec.inputs if (found := param_of(y)) is not None}
+            for x in tensor_inputs(node):
+                if (found := param_of(x)) is not None and found[0] not in placed:
+                    dec.inputs[x] = R
         decisions[node] = dec
         pl[node] = dec.out
         pad = dec.pad if dec.pad is not None else max(
@@ -271,6 +284,7 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
                         set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept)
     _record_redistributions(analysis)
+    _merge_copies(analysis)
     _explain_whole_weights(analysis)
     out = output_node(gm)
     analysis.output_placements = [
@@ -316,6 +330,7 @@ def _record_redistributions(a: Analysis) -> None:
                     a.redistributions.append(Redistribution(x, node, R, req, "to_partial"))
                     requests.setdefault(base, []).append((node, x, R, R, False))
                     continue
+                assert not isinstance(req, Shard) or perm[req.dim] is not None, f"{node.name} shards a size-1 dim"
                 base_req = Shard(perm[req.dim], req.chunks) if isinstance(req, Shard) else R
                 requests.setdefault(base, []).append((node, x, base_req, req, out_sharded))
                 continue
@@ -358,6 +373,76 @@ def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_
     for kind, frm, to in chain:
         assert kind in REDISTRIBUTIONS, kind
         a.redistributions.append(Redistribution(x, node, frm, to, kind))
+
+
+def _merge_copies(a: Analysis) -> None:
+    """One ``copy`` where several replicated values derived from one enter sharded compute.
+
+    A ``copy``'s backward all-reduces its value's gradient, partial because only the rank's
+    shard of the compute contributed.  When a replicated value reaches sharded compute along
+    several paths of replicated ops (Mamba's C, read once per time step; dt, B and C split from
+    one all-reduced projection), a copy on each path all-reduces each path's gradient::
+
+        y = all_reduce(x_proj(h_S))                 y = copy(all_reduce(x_proj(h_S)))
+        dt, B, C = split(y)                 ->      dt, B, C = split(y)
+        .. copy(C[:, 0]) .. copy(C[:, 1]) ..        .. C[:, 0] .. C[:, 1] ..
+
+    The ops in between are the same on every rank, so their backward maps partial gradients to
+    partial gradients: one copy where the paths meet all-reduces once.  Only through ops whose
+    every reader is such a path or a copy (a gradient that is already whole, one from replicated
+    compute, must not be summed over ranks) and with no other input needing a gradient (a norm
+    weight's gradient would come out partial)."""
+    chains: dict[tuple[Node, Node], list[Redistribution]] = {}
+    for red in a.redistributions:
+        chains.setdefault((red.src, red.consumer), []).append(red)
+    returned = {x for x in output_leaves(a.graph_module) if isinstance(x, Node)}
+    memo: dict[Node, bool] = {}
+
+    def is_copy(chain) -> bool:
+        return len(chain) == 1 and chain[0].kind == "copy"
+
+    def into_sharded(n: Node) -> bool:
+        """Does all of ``n``'s gradient come from sharded compute (each rank's part of it)?"""
+        if n not in memo:
+            memo[n] = False  # (no cycles in a graph; guards re-entry)
+            pl = a.placements.get(n)
+            ok = (n.op == "call_function" and n in a.needs_grad and n not in returned
+                  and (pl == R or (isinstance(pl, list) and all(p == R for p in pl))))
+            for u in n.users if ok else ():
+                dec = a.decisions.get(u)
+                if dec is None or n not in dec.inputs and u.op != "output":
+                    continue  # reads no values of n (a metadata check)
+                chain = chains.get((n, u), [])
+                if not (is_copy(chain) or (not chain and into_sharded(u) and _grad_input(a, u) is n)):
+                    ok = False
+                    break
+            memo[n] = ok
+        return memo[n]
+
+    groups: dict[tuple[Node, Node], list[Redistribution]] = {}
+    for (src, consumer), chain in chains.items():
+        if not is_copy(chain):
+            continue
+        top = src
+        while into_sharded(top) and (p := _grad_input(a, top)) is not None:
+            if not into_sharded(p):
+                break
+            top = p
+        if top is src or not into_sharded(top) or (p := _grad_input(a, top)) is None:
+            continue
+        groups.setdefault((p, top), []).append(chain[0])
+    for (p, top), copies in groups.items():
+        if len({c.src for c in copies}) < 2:
+            continue  # one path: nothing to save
+        drop = {id(c) for c in copies}
+        a.redistributions = [r for r in a.redistributions if id(r) not in drop]
+        a.redistributions.append(Redistribution(p, top, R, R, "copy"))  # after the edge's own changes
+
+
+def _grad_input(a: Analysis, n: Node) -> Node | None:
+    """The one input of ``n`` that needs a gradient, or ``None`` if not exactly one does."""
+    ins = [x for x in n.all_input_nodes if x in a.needs_grad]
+    return ins[0] if len(ins) == 1 else None
 
 
 def _weight_users(w: Node) -> list[Node]:

@@ -18,7 +18,8 @@ from torch.utils import _pytree as pytree
 
 aten = torch.ops.aten
 
-__all__ = ["is_tensor_node", "tensor_inputs", "param_of", "get_attr", "LinearSig", "LINEAR_OPS", "linear_weight",
+__all__ = ["is_tensor_node", "tensor_inputs", "param_of", "get_attr", "LinearSig", "LINEAR_OPS", "LEFT_LINEAR_OPS", "linear_weight",
+           "PARAM_ELEMENTWISE", "param_view_keeps_zero",
            "GROUPED_OPS", "op_name", "grouped_weight",
            "linear_bias", "embedding_table", "from_user_input", "output_node", "output_leaves", "block_of", "size_hint", "op_arg"]
 
@@ -65,19 +66,62 @@ def get_attr(mod: nn.Module, target: str):
 
 # Matches ops that only reorder a parameter's dims (a weight read as W^T).
 _PERMUTING = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default)
+# Matches ops that insert or remove size-1 dims (``A[None, :, None]``, a conv weight's ``squeeze(1)``).
+_UNIT_DIMS = (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+# Matches elementwise ops of one tensor (numbers as the other operands): on a slice of a
+# parameter they compute exactly the slice of the result -- Mamba's ``A = -exp(A_log.float())``,
+# a bias cast with ``.float()``.  Shape-changing views (expand, view) are not here: their size
+# arguments would name the global shape.
+PARAM_ELEMENTWISE = {
+    aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy,
+    aten.exp, aten.neg, aten.log, aten.log1p, aten.expm1, aten.abs, aten.sqrt, aten.rsqrt, aten.reciprocal,
+    aten.sigmoid, aten.tanh, aten.softplus, aten.square, aten.pow, aten.mul, aten.div, aten.add, aten.sub,
+    aten.clamp, aten.silu, aten.relu, aten.gelu,
+}
 
 
-def param_of(x: Any) -> tuple[Node, tuple[int, ...]] | None:
-    """If ``x`` is a parameter (``get_attr``), possibly through ``t``/``transpose``/``permute``,
-    return ``(get_attr node, perm)`` where ``perm`` maps x's dims to the parameter's dims."""
+def _elementwise_of_one(x: Node) -> Node | None:
+    """The one tensor operand of an elementwise op whose other operands are numbers (and dtypes)."""
+    if getattr(x.target, "overloadpacket", None) not in PARAM_ELEMENTWISE or not x.args:
+        return None
+    first = x.args[0]
+    if not isinstance(first, Node) or any(isinstance(a, Node) for a in list(x.args[1:]) + list(x.kwargs.values())):
+        return None
+    return first
+
+
+def param_of(x: Any, *, computed: bool = True) -> tuple[Node, tuple[int | None, ...]] | None:
+    """If ``x`` is a parameter (``get_attr``), possibly through ``t``/``transpose``/``permute``, size-1
+    dims inserted or removed, and elementwise ops of it alone (``-exp(A.float())``), return
+    ``(get_attr node, perm)`` where ``perm`` maps x's dims to the parameter's dims (``None`` for
+    an inserted size-1 dim).  Such a value is computed from a parameter alone, so a rank holding a
+    slice of the parameter computes the matching slice of it: it is placed where it is read.
+    ``computed=False``: through the dim permutations only (what a linear's weight is read through:
+    a cast weight, ``linear(x, W.float())``, is not seeded -- hyper-connection mixers read so are
+    tiny, and sharding them would split their streams)."""
     if not isinstance(x, Node):
         return None
     if x.op == "get_attr":
         val = x.meta.get("val")
         nd = val.dim() if isinstance(val, torch.Tensor) else 0
         return x, tuple(range(nd))
-    if x.op == "call_function" and x.target in _PERMUTING:
+    if x.op != "call_function" or not isinstance(x.args[0] if x.args else None, Node):
+        return None
+    if x.target in _UNIT_DIMS and computed:
         inner = param_of(x.args[0])
+        if inner is None:
+            return None
+        base, perm = inner
+        nd = len(perm)
+        if x.target == aten.unsqueeze.default:
+            u = x.args[1] % (nd + 1)
+            return base, perm[:u] + (None,) + perm[u:]
+        shape = tuple(x.args[0].meta["val"].shape)
+        dims = range(nd) if len(x.args) < 2 else [x.args[1]] if isinstance(x.args[1], int) else x.args[1]
+        gone = {d % nd for d in dims if shape[d % nd] == 1}
+        return base, tuple(p for d, p in enumerate(perm) if d not in gone)
+    if x.target in _PERMUTING:
+        inner = param_of(x.args[0], computed=computed)
         if inner is None:
             return None
         base, perm = inner
@@ -91,7 +135,33 @@ def param_of(x: Any) -> tuple[Node, tuple[int, ...]] | None:
         else:
             order = [d % nd for d in x.args[1]]
         return base, tuple(perm[o] for o in order)
-    return None
+    one = _elementwise_of_one(x) if computed else None
+    inner = param_of(one) if one is not None else None
+    # (shapes read only once the operand is known to be a parameter's: static, never guarded on)
+    val, src = x.meta.get("val"), one.meta.get("val") if inner is not None else None
+    if inner is None or not isinstance(val, torch.Tensor) or not isinstance(src, torch.Tensor) or val.shape != src.shape:
+        return None
+    return inner
+
+
+def param_view_keeps_zero(x: Node) -> bool:
+    """Does the parameter view ``x`` map a zero parameter entry to zero (so the zero padding of an
+    unevenly sharded parameter stays zero through it)?  Dims moved, casts, ``neg``: yes; ``exp``: no."""
+    while x.op == "call_function":
+        if x.target not in _UNIT_DIMS and x.target not in _PERMUTING:
+            op = x.target.overloadpacket
+            if op in (aten.mul, aten.div) and isinstance(x.args[1] if len(x.args) > 1 else None, (int, float)):
+                if op == aten.div and x.args[1] == 0:
+                    return False
+            elif op not in _ZERO_TO_ZERO:
+                return False
+        x = x.args[0]
+    return True
+
+
+# Matches elementwise ops with f(0) = 0 (of one tensor: casts, copies, sign flips).
+_ZERO_TO_ZERO = {aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone, aten.contiguous, aten.detach,
+                 aten.lift_fresh_copy, aten.neg, aten.abs, aten.tanh, aten.square, aten.silu, aten.relu, aten.gelu}
 
 
 @dataclass(frozen=True)
@@ -102,6 +172,7 @@ class LinearSig:
     w: int
     bias: int | None
     w_out_dim: int  # the output-features dim of the weight as the op sees it
+    left: bool = False  # ``y = W @ x``: features run along x's and y's second-to-last dim, not the last
 
 
 # Matches the ops that multiply an activation by a 2-D parameter (possibly through t()).
@@ -111,21 +182,33 @@ LINEAR_OPS = {
     aten.mm.default: LinearSig(x=0, w=1, bias=None, w_out_dim=1),
     aten.matmul.default: LinearSig(x=0, w=1, bias=None, w_out_dim=1),
 }
+# Matches the ops that multiply a 2-D parameter by an activation from the left, ``y = W @ x`` with
+# x (.., in, L): Mamba's time-step projection ``dt_proj.weight @ dt.transpose(1, 2)``.
+LEFT_LINEAR_OPS = {
+    aten.mm.default: LinearSig(x=1, w=0, bias=None, w_out_dim=0, left=True),
+    aten.matmul.default: LinearSig(x=1, w=0, bias=None, w_out_dim=0, left=True),
+}
 
 
 def linear_weight(node: Node) -> tuple[LinearSig, Node, int, int] | None:
     """``(sig, weight get_attr, param out dim, param in dim)`` if ``node`` is a linear with a 2-D weight."""
-    sig = LINEAR_OPS.get(node.target) if node.op == "call_function" else None
-    if sig is None or len(node.args) <= max(sig.x, sig.w):
+    if node.op != "call_function":
         return None
-    found = param_of(node.args[sig.w])
-    if found is None:
-        return None
-    w, perm = found
-    if len(perm) != 2:
-        return None
-    out_dim = perm[sig.w_out_dim]
-    return sig, w, out_dim, 1 - out_dim
+    for sig in (LINEAR_OPS.get(node.target), LEFT_LINEAR_OPS.get(node.target)):
+        if sig is None or len(node.args) <= max(sig.x, sig.w):
+            continue
+        if sig.left and (param_of(node.args[sig.x]) is not None or not is_tensor_node(node.args[sig.x])
+                         or node.args[sig.x].meta["val"].dim() < 2):
+            continue
+        found = param_of(node.args[sig.w], computed=False)
+        if found is None:
+            continue
+        w, perm = found
+        if len(perm) != 2 or None in perm:
+            continue
+        out_dim = perm[sig.w_out_dim]
+        return sig, w, out_dim, 1 - out_dim
+    return None
 
 
 def op_name(node: Node) -> str | None:
@@ -149,10 +232,12 @@ def grouped_weight(node: Node) -> tuple[LinearSig, Node, int, int] | None:
     sig = GROUPED_OPS.get(op_name(node))
     if sig is None or len(node.args) <= sig.w:
         return None
-    found = param_of(node.args[sig.w])
+    found = param_of(node.args[sig.w], computed=False)
     if found is None or len(found[1]) != 3:
         return None
     w, perm = found
+    if None in perm:
+        return None
     return sig, w, perm[2], perm[1]
 
 

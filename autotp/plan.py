@@ -81,7 +81,8 @@ class ParamPlan:
 class NodePlan:
     """One node's decision: its output placement (a list for a split), why, its role
     (``column`` / ``row`` / ``vocab`` / ``vocab_ce``) and local data its lowering
-    needs (``size_dim``: the shape entry to make local; ``split_dim``)."""
+    needs (``size_dim``: the shape entry to make local; ``split_dim``; ``local_arg``: the argument
+    holding the sharded dim's global size, a convolution's ``groups``)."""
 
     placement: Any
     why: str

@@ -3,6 +3,7 @@
     view(x_S, [B, S, 12, 64])     ->   view(x_S, [B, S, 12 / n, 64])
     split(qkv_S, 768, dim=2)      ->   split(qkv_S, 768 / n, dim=2)
     expand(k_S, [B, 2, 4, S, D])  ->   expand(k_S, [B, 2 / n, 4, S, D])
+    conv1d(x_S, w_S, b_S, .., groups=128)  ->   conv1d(x_S, w_S, b_S, .., groups=128 / n)
 
 Only the entry of the sharded output dim changes; ``-1`` and symbolic sizes stay.
 """
@@ -32,6 +33,12 @@ def localize_shapes(gm: GraphModule, ctx: LoweringContext) -> PassResult:
                 sizes[d] = local_size(sizes[d], world_size, dec.placement.chunks)
                 node.args = (node.args[0], sizes, *node.args[2:])
                 modified = True
+        elif "local_arg" in dec.local_args:  # one argument is the sharded dim's global size (conv groups)
+            i = dec.local_args["local_arg"]
+            args = list(node.args)
+            args[i] = local_size(args[i], world_size, dec.placement.chunks)
+            node.args = tuple(args)
+            modified = True
         elif "split_dim" in dec.local_args:
             size = node.args[1]
             if node.target.overloadpacket == aten.chunk:

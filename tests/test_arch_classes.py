@@ -20,6 +20,16 @@ issue at run time (``CommDebugMode``) are as many as the plan lists.
 * ``moe``: Mixtral, whose experts are 3-D weights (``gate_up_proj (E, 2I, H)``, ``down_proj
   (E, H, I)``) run through a grouped matmul: column -> row inside every expert, the router
   replicated; one all-reduce for the attention and one for the MoE per layer.
+* ``state_space``: Mamba (its CPU path: causal depthwise conv1d, then a selective scan written as a
+  loop over the sequence), sharded by channels as Megatron shards it: ``in_proj`` column-parallel
+  (its output chunked into x and the gate z, each split by channels), the depthwise conv per
+  channel (weight, bias and ``groups`` local), ``x_proj`` row-parallel -- dt, B and C are needed
+  whole: one all-reduce before their split --, ``dt_proj`` column-parallel though written
+  ``W @ dt`` (left-multiplied), ``A_log`` and ``D`` split by channel though read through
+  ``-exp(A_log.float())`` and size-1 dims, the scan on the rank's channels, ``out_proj``
+  row-parallel: two all-reduces per layer.  Backward too: dt, B and C (C read once per time step)
+  reach the sharded scan along paths of replicated ops, and one ``copy`` where they meet, after
+  the all-reduce, sums their gradients once.
 """
 from __future__ import annotations
 
@@ -63,12 +73,19 @@ def _build(case: str):
                                          num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB,
                                          num_local_experts=4, num_experts_per_tok=2)
         return transformers.MixtralForCausalLM(cfg).eval()
+    if case == "state_space":
+        cfg = transformers.MambaConfig(hidden_size=64, intermediate_size=128, state_size=8, time_step_rank=8,
+                                       conv_kernel=4, num_hidden_layers=LAYERS, vocab_size=VOCAB)
+        return transformers.MambaForCausalLM(cfg).eval()
     raise KeyError(case)
 
 
 # case -> forward all-reduces per layer at the optimum (the vocab-parallel embedding adds one)
 CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2,
-         "weight_transposed": 2}
+         "weight_transposed": 2, "state_space": 2}
+# case -> backward all-reduces per layer where the class promises it (Mamba: the gradients of x_proj's
+# input and of in_proj's input, each reduced once; the LM head's input adds one)
+BACKWARD = {"state_space": 2}
 # case -> the shape of the weight matrices that stay whole (the MoE router: experts x hidden)
 WHOLE = {"moe": (4, 64)}
 
@@ -116,6 +133,7 @@ def _check(case: str, world: int, rank: int) -> dict:
         "planned": {ph: len([c for c in plan.collectives if c.phase == ph]) for ph in ("forward", "backward")},
         "ran": {"forward": _counted(fwd), "backward": _counted(bwd)},
         "all_reduces": plan.counts("forward").get("all_reduce", 0),
+        "bwd_all_reduces": plan.counts("backward").get("all_reduce", 0),
     }
 
 
@@ -136,3 +154,5 @@ def test_class(case, world):
         assert r["share"] <= 1 / world + 0.1, (rank, r)
         assert r["ran"] == r["planned"], (rank, r)  # the plan lists what runs, forward and backward
         assert r["all_reduces"] == CASES[case] * LAYERS + 1, (rank, r)
+        if case in BACKWARD:
+            assert r["bwd_all_reduces"] == BACKWARD[case] * LAYERS + 1, (rank, r)

@@ -202,3 +202,69 @@ def test_generation_steps_keep_the_cache_sharded_by_heads():
     plans = autotp.plan_generation(model, 2)
     assert plans["decode"].counts("forward") == {"all_reduce": 5, "all_gather": 1}
     assert plans["decode"].parameters["transformer.h.0.attn.c_attn.weight"].placement == Shard(1, chunks=3)
+
+
+class _SelectiveSSM(nn.Module):
+    """A Mamba-style mixer written out (neutral names): in-projection chunked into x and a gate,
+    a causal depthwise conv, x projected to dt, B, C, a left-multiplied dt projection, A read as
+    ``-exp(a.float())``, a selective scan as a loop over the sequence, an out-projection."""
+
+    def __init__(self, h=16, d=32, n=4, r=4):
+        super().__init__()
+        self.r, self.n = r, n
+        self.inp = nn.Linear(h, 2 * d)
+        self.conv = nn.Conv1d(d, d, 3, groups=d, padding=2)
+        self.xp = nn.Linear(d, r + 2 * n, bias=False)
+        self.w_dt = nn.Parameter(torch.randn(d, r))
+        self.b_dt = nn.Parameter(torch.randn(d))
+        self.a = nn.Parameter(torch.randn(d, n))
+        self.skip = nn.Parameter(torch.randn(d))
+        self.out = nn.Linear(d, h)
+
+    def forward(self, x):  # (B, L, h)
+        length = x.shape[1]
+        u, z = self.inp(x).transpose(1, 2).chunk(2, dim=1)  # (B, d, L) each
+        u = nn.functional.silu(self.conv(u)[..., :length])
+        dt, b, c = self.xp(u.transpose(1, 2)).split([self.r, self.n, self.n], dim=-1)
+        dt = nn.functional.softplus(self.w_dt @ dt.transpose(1, 2) + self.b_dt.float()[:, None])  # (B, d, L)
+        decay = torch.exp(-torch.exp(self.a.float())[None, :, None, :] * dt[..., None])  # (B, d, L, n)
+        state = torch.zeros(x.shape[0], u.shape[1], self.n)
+        ys = []
+        for t in range(length):
+            state = decay[:, :, t] * state + dt[:, :, t, None] * b[:, None, t, :] * u[:, :, t, None]
+            ys.append((state @ c[:, t, :, None])[..., 0])
+        y = torch.stack(ys, -1) + u * self.skip[None, :, None]
+        return self.out((y * nn.functional.silu(z)).transpose(1, 2))
+
+
+def test_selective_ssm_sharded_by_channels():
+    # Megatron's Mamba plan, found from the ops: in-projection column-parallel (x and the gate each
+    # split by channels), conv, dt projection, A and the skip per channel, x's projection and the
+    # out-projection row-parallel: two all-reduces forward; backward one, for dt, B and C together
+    torch.manual_seed(0)
+    p = autotp.plan(_SelectiveSSM(), 2, example_inputs=(torch.randn(2, 5, 16),))
+    want = {"inp.weight": Shard(0, chunks=2), "inp.bias": Shard(0, chunks=2), "conv.weight": Shard(0),
+            "conv.bias": Shard(0), "xp.weight": Shard(1), "w_dt": Shard(0), "b_dt": Shard(0), "a": Shard(0),
+            "skip": Shard(0), "out.weight": Shard(1), "out.bias": Replicate()}
+    assert {n: p.parameters[n].placement for n in want} == want
+    assert p.counts("forward") == {"all_reduce": 2}
+    assert p.counts("backward") == {"all_reduce": 1}  # the input needs no grad; dt, B, C: one copy
+    conv = next(n for n, d in p.nodes.items() if d.why.startswith("depthwise convolution"))
+    assert p.nodes[conv].local_args == {"local_arg": 6}  # groups, made local by localize_shapes
+
+
+def test_parameter_also_read_whole_stays_whole():
+    # fc1.weight is column-parallel in the linear, and read whole through a cast and a reshape:
+    # held whole (sliced for the linear), with the reason -- never its shard read as the whole
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x))) + self.fc1.weight.float().reshape(-1)[:16]
+
+    p = autotp.plan(M(), 2, example_inputs=(torch.randn(4, 16),))
+    assert p.parameters["fc1.weight"].placement == Replicate()
+    assert "fc1.weight" in p.replicated
+    assert p.parameters["fc2.weight"].placement == Shard(1)

@@ -28,7 +28,7 @@ from torch.fx import Node
 
 from ..patterns import GROUPED_OPS, op_name
 from .base import PARTIAL_LINEAR, Ctx, Decision, Unsupported, rule_pointwise, rule_replicated
-from .compute import (REDUCTIONS, SCANS, rule_cross_entropy, rule_embedding, rule_ignore, rule_layer_norm,
+from .compute import (CONVOLUTIONS, REDUCTIONS, SCANS, rule_conv, rule_cross_entropy, rule_embedding, rule_ignore, rule_layer_norm,
                       rule_linear, rule_matmul, rule_baddbmm, rule_grouped_mm, rule_native_dropout, rule_reduce, rule_reduction, rule_scan,
                       rule_sdpa, rule_softmax, rule_sym_size)
 from .views import (_dim_map_rule, _permute_dim, _squeeze_dim, _t_dim, _transpose_dim, _unsqueeze_dim,
@@ -69,6 +69,7 @@ RULES.update({
     aten.select: rule_select, aten.unbind: rule_unbind, aten.view_as: rule_view_as, aten.reshape_as: rule_view_as,
     aten.sum: rule_reduce, aten.mean: rule_reduce,
     **{op: rule_reduction for op in REDUCTIONS}, **{op: rule_scan for op in SCANS},
+    **{op: rule_conv for op in CONVOLUTIONS},
     aten.native_dropout: rule_native_dropout,
     aten.softmax: rule_softmax, aten._softmax: rule_softmax, aten.log_softmax: rule_softmax,
     aten._log_softmax: rule_softmax,

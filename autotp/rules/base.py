@@ -170,7 +170,8 @@ def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
     if not padded:
         return Decision(out_pl, ins, why="pointwise on the shard")
     along = {x for x, p in ins.items() if isinstance(p, Shard)}
-    contrib = {x: ctx.pad_of(x) if x in shards else ZERO if x in along else FINITE for x in tins}
+    # a sliced operand's padding is zero unless it is computed from a parameter that maps 0 elsewhere
+    contrib = {x: ctx.pad_of(x) if x in shards or x in along else FINITE for x in tins}
     state = pointwise_state(node, contrib, along)
     if state == BAD:
         x = padded[0]

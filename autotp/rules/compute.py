@@ -188,6 +188,16 @@ def rule_matmul(ctx: Ctx, node: Node) -> Decision:
     if (isinstance(pa, Shard) and pa.dim == len(sa) - 1 and isinstance(pb, Shard) and pb.dim == len(sb) - 2
             and pa.chunks == pb.chunks and not ctx.padded(a, pa)):
         return Decision(P, {a: pa, b: pb}, why="contracted dim sharded: partial sum")
+    # Rows of ``a`` (or columns of ``b``) sharded, the other operand whole: ``[A_1; A_2] @ B = [A_1 B; A_2 B]``
+    # (Mamba's per-channel state times the shared C, ``h (B, D, N) @ C (B, N, 1)``).
+    for x, p, s, other, d in ((a, pa, sa, b, len(sa) - 2), (b, pb, sb, a, len(sb) - 1)):
+        if isinstance(p, Shard) and p.dim == d and not isinstance(ctx.pl(other), Shard):
+            q = Shard(len(so) - (2 if x is a else 1), p.chunks)
+            ins = {x: p}
+            if ctx.pl(other) is not None or param_of(other) is not None:
+                ins[other] = R
+            return Decision(q, ins, why="matmul with the " + ("rows of the left" if x is a else "columns of the right")
+                            + " operand sharded")
     out_pl = None
     for x, p, s in ((a, pa, sa), (b, pb, sb)):
         if isinstance(p, Shard):
@@ -233,6 +243,47 @@ class _Args:
         self.args, self.kwargs, self.target, self.meta = args, {}, node.target, node.meta
 
 
+# Matches convolutions, with the position of their ``groups`` argument.
+CONVOLUTIONS = {aten.conv1d: 6, aten.conv2d: 6, aten.conv3d: 6, aten.convolution: 8}
+
+
+def rule_conv(ctx: Ctx, node: Node) -> Decision:
+    """A depthwise convolution (``groups`` = input channels: each output channel reads one input
+    channel -- Mamba's causal conv1d) on channel-sharded input runs on the rank's channels:
+    input, output, weight and bias all split on the channel dim, ``groups`` localized.
+    Convolutions that mix channels need them whole."""
+    x, w = node.args[:2]
+    b = node.args[2] if len(node.args) > 2 else None
+    at = CONVOLUTIONS[node.target.overloadpacket]
+    groups = node.args[at] if len(node.args) > at else 1
+    px = ctx.pl(x)
+    others = [a for a in (w, b) if isinstance(a, Node)]
+    if not isinstance(px, Shard):
+        for a in others:
+            if isinstance(ctx.pl(a), Shard):
+                raise Unsupported("convolution with a sharded weight", culprits=[a])
+        return Decision(R, {a: R for a in [x] + others if ctx.pl(a) is not None or param_of(a) is not None},
+                        why="replicated")
+    if node.target.overloadpacket == aten.convolution and node.args[6]:
+        raise Unsupported("transposed convolution on a sharded input")
+    if px.dim != 1:
+        raise Unsupported(f"convolution on an input sharded on dim {px.dim}, not its channels")
+    c_in, c_out = ctx.shape(x)[1], ctx.shape(node)[1]
+    if groups != c_in or c_out != c_in:
+        raise Unsupported(f"convolution mixing channels (groups {groups}, {c_in} -> {c_out} channels) on a "
+                          "channel-sharded input")
+    for a in others:
+        if param_of(a) is None:
+            raise Unsupported("convolution with a computed weight or bias on a sharded input", culprits=[x])
+        if ctx.padded(x, px) and ctx.pad_of(a) != ZERO:
+            raise Unsupported(f"convolution weight whose padding ({ctx.padding_of(x, px)}) is not zero", culprits=[x])
+    ins = {x: px, w: Shard(0, px.chunks)}
+    if isinstance(b, Node):
+        ins[b] = Shard(0, px.chunks)
+    return Decision(Shard(1, px.chunks), ins, why="depthwise convolution on the rank's channels",
+                    local_args={"local_arg": at})
+
+
 # --------------------------------------------------------------------------- linear / embedding
 
 def rule_linear(ctx: Ctx, node: Node) -> Decision:
@@ -247,7 +298,8 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
     ins: dict[Node, Placement] = {}
     if b is not None and param_of(b) is None:
         raise Unsupported("linear with a computed bias")
-    if isinstance(px, Shard) and px.dim == nd - 1:
+    feat = 2 if sig.left else 1  # features run along the last dim (x @ W^T), or the one before (W @ x)
+    if isinstance(px, Shard) and px.dim == nd - feat:
         if ctx.padded(x, px) and ctx.pad_of(x) != ZERO:
             raise Unsupported(f"the padding of an uneven shard ({ctx.padding_of(x, px)}) is {NAMES[ctx.pad_of(x)]}, "
                               "not zero, where it enters a row-parallel linear (an op between the column and the "
@@ -272,7 +324,7 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
         ins[w] = Shard(w_out, chunks)
         if b is not None:
             ins[b] = Shard(0, chunks)
-        return Decision(Shard(len(ctx.shape(node)) - 1, chunks), ins,
+        return Decision(Shard(len(ctx.shape(node)) - feat, chunks), ins,
                         why="column-parallel (output features split)", role="column")
     if b is not None:
         ins[b] = R

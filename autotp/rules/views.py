@@ -166,6 +166,8 @@ def rule_split(ctx: Ctx, node: Node) -> Decision:
     shp = ctx.shape(x)
     outs = node.meta["val"]
     if isinstance(p, Partial):
+        if sum(1 for u in node.users if u.users) > 1:  # one all-reduce before, not one per piece after
+            return Decision([R] * len(outs), {x: R}, why="split of a partial sum read in pieces: all-reduced first")
         return Decision([P] * len(outs), {x: P}, why="split of a partial sum")
     if not isinstance(p, Shard):
         return Decision([R] * len(outs), {x: R} if p is not None else {}, why="replicated")
