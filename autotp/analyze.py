@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
-                       output_leaves, output_node, param_of, tensor_inputs)
+                       output_leaves, output_node, param_of, param_slice, tensor_inputs)
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
 from .rules.padding import ZERO
@@ -325,6 +325,16 @@ def _record_redistributions(a: Analysis) -> None:
             _edge(a, x, node, act, req, out_sharded)
     for base, reqs in requests.items():
         wanted = {r[2] for r in reqs}
+        parts = [param_slice(r[1]) for r in reqs]
+        if any(parts):
+            pieces = _pieces(base, reqs, parts, a.world_size)
+            if pieces is not None:  # the parts of a fused weight, each placed as its linear wants
+                a.param_placements[base.target] = pieces
+                for node, x, base_req, _, out_sharded in reqs:
+                    if base_req == R and out_sharded and _is_floating(x):
+                        a.redistributions.append(Redistribution(x, node, R, R, "copy"))
+                continue
+            wanted = wanted | {R} if len(wanted) == 1 and isinstance(next(iter(wanted)), Shard) else wanted
         if len(wanted) == 1:
             a.param_placements[base.target] = wanted.pop()
             if a.param_placements[base.target] == R:
@@ -338,6 +348,30 @@ def _record_redistributions(a: Analysis) -> None:
                                      "where a shard is needed (compute stays split, memory does not)")
         for node, x, _, req, out_sharded in reqs:
             _edge(a, x, node, R, req, out_sharded)
+
+
+def _pieces(base: Node, reqs: list, parts: list, world: int) -> Shard | None:
+    """The placement of a parameter read only in parts (``slice(W, d, a, b)``, one per linear of a split
+    fused weight), each part sharded along ``d`` or whole: ``Shard(d, pieces=...)``, or ``None`` when the
+    parts overlap, miss rows, are read along different dims or with other shards (then it is held whole)."""
+    if not all(parts) or len({p[1] for p in parts}) != 1:
+        return None
+    d = parts[0][1]
+    runs: dict[tuple[int, int], set] = {}
+    for (_, _, base_req, _, _), (_, _, start, stop) in zip(reqs, parts):
+        runs.setdefault((start, stop), set()).add(base_req)
+    edge, pieces = 0, []
+    for (start, stop), want in sorted(runs.items()):
+        if start != edge or len(want) != 1:
+            return None
+        p = want.pop()
+        if isinstance(p, Shard) and (p.dim != d or p.chunks != 1 or (stop - start) % world):
+            return None
+        pieces.append((stop - start, isinstance(p, Shard)))
+        edge = stop
+    if edge != base.meta["val"].shape[d] or not any(sharded for _, sharded in pieces):
+        return None
+    return Shard(d, pieces=tuple(pieces))
 
 
 def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_sharded: bool) -> None:

@@ -68,14 +68,17 @@ _PERMUTING = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.per
 
 
 def param_of(x: Any) -> tuple[Node, tuple[int, ...]] | None:
-    """If ``x`` is a parameter (``get_attr``), possibly through ``t``/``transpose``/``permute``,
-    return ``(get_attr node, perm)`` where ``perm`` maps x's dims to the parameter's dims."""
+    """If ``x`` is a parameter (``get_attr``), possibly through ``t``/``transpose``/``permute``
+    and one contiguous ``slice`` (a part of a fused weight: ``param_slice``), return
+    ``(get_attr node, perm)`` where ``perm`` maps x's dims to the parameter's dims."""
     if not isinstance(x, Node):
         return None
     if x.op == "get_attr":
         val = x.meta.get("val")
         nd = val.dim() if isinstance(val, torch.Tensor) else 0
         return x, tuple(range(nd))
+    if x.op == "call_function" and x.target == aten.slice.Tensor and param_slice(x) is not None:
+        return param_of(x.args[0])
     if x.op == "call_function" and x.target in _PERMUTING:
         inner = param_of(x.args[0])
         if inner is None:
@@ -92,6 +95,28 @@ def param_of(x: Any) -> tuple[Node, tuple[int, ...]] | None:
             order = [d % nd for d in x.args[1]]
         return base, tuple(perm[o] for o in order)
     return None
+
+
+def param_slice(x: Any) -> tuple[Node, int, int, int] | None:
+    """``(get_attr node, param dim, start, stop)`` if ``x`` is ``slice(W, d, start, stop)`` of a parameter
+    (step 1, bounds within the dim), possibly read through ``t``/``transpose``/``permute`` after it."""
+    if not isinstance(x, Node) or x.op != "call_function":
+        return None
+    if x.target in _PERMUTING:
+        return param_slice(x.args[0])
+    if x.target != aten.slice.Tensor or not (isinstance(x.args[0], Node) and x.args[0].op == "get_attr"):
+        return None
+    w = x.args[0]
+    val = w.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    d, start, stop, step = (list(x.args[1:]) + [0, None, None, 1][len(x.args) - 1:])[:4]
+    n = val.shape[d % val.dim()]
+    start = 0 if start is None else start
+    stop = n if stop is None else min(stop, n)
+    if step != 1 or not all(isinstance(v, int) for v in (d, start, stop, n)) or not 0 <= start < stop <= n:
+        return None
+    return w, d % val.dim(), start, stop
 
 
 @dataclass(frozen=True)

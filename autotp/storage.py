@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .placements import Placement, Shard, pad_zeros, shard_index, take_shard
+from .placements import Placement, Shard, pad_zeros, placement_index, shard_index, take_shard
 from .plan import ParamPlan
 
 
@@ -91,7 +91,7 @@ class _Layout:
         """This rank's local tensor cut from the global one (where the stored form changed)."""
         if not isinstance(pl, Shard):
             return full
-        return take_shard(full, pl.dim, *shard_index(full.shape[pl.dim], self.world, self.rank, pl.chunks))
+        return take_shard(full, pl.dim, *placement_index(pl, full.shape[pl.dim], self.world, self.rank))
 
 
 def _entries(sharded) -> dict[str, tuple[torch.Tensor, ParamPlan]]:

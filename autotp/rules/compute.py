@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..patterns import grouped_weight, linear_bias, linear_weight, op_arg, param_of, tensor_inputs
+from ..patterns import grouped_weight, linear_bias, linear_weight, op_arg, param_of, param_slice, tensor_inputs
 from ..placements import Partial, Placement, Shard
 
 from .base import P, R, Ctx, Decision, Unsupported, _norm, rule_pointwise, rule_replicated
@@ -247,6 +247,12 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
     ins: dict[Node, Placement] = {}
     if b is not None and param_of(b) is None:
         raise Unsupported("linear with a computed bias")
+    # the weight's placement is asked of the parameter, or of the part of it the linear reads (one part
+    # of a fused weight, ``autotp.split_linears``), in the dims that part is read with
+    if param_slice(node.args[sig.w]) is not None:
+        w = node.args[sig.w]
+        perm = param_of(w)[1]
+        w_out, w_in = perm.index(w_out), perm.index(w_in)
     if isinstance(px, Shard) and px.dim == nd - 1:
         if ctx.padded(x, px) and ctx.pad_of(x) != ZERO:
             raise Unsupported(f"the padding of an uneven shard ({ctx.padding_of(x, px)}) is {NAMES[ctx.pad_of(x)]}, "

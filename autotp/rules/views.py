@@ -150,6 +150,8 @@ def rule_slice(ctx: Ctx, node: Node) -> Decision:
     p = ctx.pl(x)
     nd = len(ctx.shape(x))
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    if p is None and param_of(node) is not None:
+        return Decision(None, {}, why="part of a parameter")  # placed where it is read
     if isinstance(p, Partial):
         return Decision(P, {x: P}, why="slice of a partial sum")
     if not isinstance(p, Shard):
