@@ -69,13 +69,19 @@ def _last(node: Node, dim) -> bool:
 def _reads(gm: GraphModule, y: Node, n: int):
     """``[(reader, (start, stop), how)]`` for every reader of ``y``'s ``n`` output features, or None.
 
-    ``how`` says how the reader is rebuilt from its part ``y_i``: ``("same",)`` -- it *is* the part;
-    ``("view", sizes)`` -- a view of the part."""
+    ``how`` says how the reader is rebuilt from its part ``y_i``: the ops (target, further arguments)
+    applied to it in order -- none when it *is* the part, a view, an unsqueeze the readers read through."""
     out = []
     for u in y.users:
         if u.op != "call_function":
             return None
-        if u.target in _SPLITS and _last(y, u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)):
+        nd = len(y.meta["val"].shape)
+        if u.target == aten.unsqueeze.default and u.args[1] % (nd + 1) != nd:  # GPT-BigCode: y[:, None] first
+            inner = _reads(gm, u, n)
+            if inner is None:
+                return None
+            out += [(reader, r, [(u.target, (u.args[1],))] + how) for reader, r, how in inner]
+        elif u.target in _SPLITS and _last(y, u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)):
             edge = 0
             items = {g.args[1]: g for g in u.users if g.target is operator.getitem}
             if len(items) != len(u.users):
@@ -83,14 +89,14 @@ def _reads(gm: GraphModule, y: Node, n: int):
             for i, piece in enumerate(u.meta["val"]):
                 size = size_hint(piece.shape[-1])
                 if i in items:
-                    out.append((items[i], (edge, edge + size), ("same",)))
+                    out.append((items[i], (edge, edge + size), []))
                 edge += size
         elif u.target == aten.slice.Tensor and _last(y, u.args[1] if len(u.args) > 1 else 0) and (
                 len(u.args) < 5 or u.args[4] == 1):
             r = _norm_range(u.args[2] if len(u.args) > 2 else None, u.args[3] if len(u.args) > 3 else None, n)
             if r is None:
                 return None
-            out.append((u, r, ("same",)))
+            out.append((u, r, []))
         elif u.target in _VIEWS:
             shp = [size_hint(s) for s in u.meta["val"].shape]
             yshp = [size_hint(s) for s in y.meta["val"].shape]
@@ -107,17 +113,17 @@ def _reads(gm: GraphModule, y: Node, n: int):
                                     heads)
                     if r is None:
                         return None
-                    out.append((h, (r[0] * d, r[1] * d), ("view", sizes[:-2] + [r[1] - r[0], sizes[-1]])))
+                    out.append((h, (r[0] * d, r[1] * d), [(aten.view.default, (sizes[:-2] + [r[1] - r[0], sizes[-1]],))]))
                 elif h.target == aten.select.int and h.args[1] % nd == nd - 2 and isinstance(h.args[2], int):
                     i = h.args[2] % heads
-                    out.append((h, (i * d, (i + 1) * d), ("view", sizes[:-2] + [sizes[-1]])))
+                    out.append((h, (i * d, (i + 1) * d), [(aten.view.default, (sizes[:-2] + [sizes[-1]],))]))
                 elif (h.target == aten.index.Tensor and len(h.args[1]) == nd - 1
                       and all(i is None for i in h.args[1][:-1])):
                     i = _const_index(gm, h.args[1][-1])
                     if i is None:
                         return None
                     i %= heads
-                    out.append((h, (i * d, (i + 1) * d), ("view", sizes[:-2] + [1, sizes[-1]])))
+                    out.append((h, (i * d, (i + 1) * d), [(aten.view.default, (sizes[:-2] + [1, sizes[-1]],))]))
                 else:
                     return None
         else:
@@ -135,7 +141,8 @@ def _worth_splitting(y: Node, reads: list, n: int) -> bool:
     if edge != n or len(runs) < 2:
         return False
     equal = len({b - a for a, b in runs}) == 1
-    only_split = len(y.users) == 1 and next(iter(y.users)).target in _SPLITS
+    only_split = len({reader.args[0] for reader, _, _ in reads if reader.target is operator.getitem}) == 1 and all(
+        reader.target is operator.getitem for reader, _, _ in reads)
     return not (equal and only_split)
 
 
@@ -192,9 +199,9 @@ def split_fused_linears(gm: GraphModule) -> bool:
         dead = []
         for reader, r, how in reads:
             part = parts[r]
-            if how[0] == "view":
+            for target, more in how:
                 with gm.graph.inserting_before(reader):
-                    part = _add(gm.graph, aten.view.default, (part, how[1]), reader.meta)
+                    part = _add(gm.graph, target, (part, *more), reader.meta)
             reader.replace_all_uses_with(part)
             dead.append(reader)
         for reader in dead:
