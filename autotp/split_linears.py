@@ -17,7 +17,8 @@ by heads, k and v whole where their heads are fewer than the ranks), and the wei
 
 The rewrite applies when every reader of ``y`` takes one contiguous run of its output features
 (a split along them, a slice, or -- through a view splitting them into ``(n, d)`` -- a slice,
-a one-element index or a select along ``n``), the runs partition the features, and they are
+a one-element index or a select along ``n``; read through a bias add or an unsqueeze first), the
+runs partition the features, and they are
 not the equal split the chunk layout already shards whole (GPT-2's ``split(y, 768)``).
 """
 from __future__ import annotations
@@ -76,7 +77,14 @@ def _reads(gm: GraphModule, y: Node, n: int):
         if u.op != "call_function":
             return None
         nd = len(y.meta["val"].shape)
-        if u.target == aten.unsqueeze.default and u.args[1] % (nd + 1) != nd:  # GPT-BigCode: y[:, None] first
+        bias = u.args[1] if u.target == aten.add.Tensor and len(u.args) == 2 and not u.kwargs else None
+        if (isinstance(bias, Node) and bias.op == "get_attr" and u.args[0] is y
+                and tuple(size_hint(s) for s in bias.meta["val"].shape) == (n,)):  # Falcon's x @ W.T + b
+            inner = _reads(gm, u, n)
+            if inner is None:
+                return None
+            out += [(reader, r, [(u.target, (_Part(bias),))] + how) for reader, r, how in inner]
+        elif u.target == aten.unsqueeze.default and u.args[1] % (nd + 1) != nd:  # GPT-BigCode: y[:, None] first
             inner = _reads(gm, u, n)
             if inner is None:
                 return None
@@ -129,6 +137,13 @@ def _reads(gm: GraphModule, y: Node, n: int):
         else:
             return None
     return out
+
+
+class _Part:
+    """A 1-D parameter read by a part only as its part (a bias added after the linear)."""
+
+    def __init__(self, param: Node):
+        self.param = param
 
 
 def _worth_splitting(y: Node, reads: list, n: int) -> bool:
@@ -201,6 +216,8 @@ def split_fused_linears(gm: GraphModule) -> bool:
             part = parts[r]
             for target, more in how:
                 with gm.graph.inserting_before(reader):
+                    more = tuple(_add(gm.graph, aten.slice.Tensor, (m.param, 0, *r), m.param.meta)
+                                 if isinstance(m, _Part) else m for m in more)
                     part = _add(gm.graph, target, (part, *more), reader.meta)
             reader.replace_all_uses_with(part)
             dead.append(reader)
