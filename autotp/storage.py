@@ -58,6 +58,11 @@ class _Layout:
         """This rank's local tensor -> what DCP saves (a DTensor over the TP mesh, or a plain tensor)."""
         if not isinstance(pl, Shard):
             return local
+        if pl.pieces:
+            raise NotImplementedError(
+                f"a parameter held in pieces ({pl}: a fused weight whose parts are placed differently, e.g. "
+                "multi-query attention) cannot be saved as a sharded checkpoint yet: save the unsharded model's "
+                "state_dict instead")
         d, n = pl.dim, global_shape[pl.dim]
         shape = _stored_shape(global_shape, pl)
         if pl.chunks == 1:
@@ -83,6 +88,8 @@ class _Layout:
         t = stored.to_local() if isinstance(stored, DTensor) else stored
         if not isinstance(pl, Shard):
             return t
+        if pl.pieces:
+            raise NotImplementedError(f"a parameter held in pieces ({pl}) cannot be loaded from a sharded checkpoint yet")
         if pl.chunks > 1:
             return t.reshape(local_shape)  # (..., P, block, ...) -> (..., P * block, ...)
         return pad_zeros(t, pl.dim, local_shape[pl.dim] - t.shape[pl.dim])
