@@ -96,6 +96,8 @@ def _reads(gm: GraphModule, y: Node, n: int):
                 return None
             for i, piece in enumerate(u.meta["val"]):
                 size = size_hint(piece.shape[-1])
+                if size == 0:
+                    return None  # an empty part (Mamba-2's d_mlp = 0): left as it is
                 if i in items:
                     out.append((items[i], (edge, edge + size), []))
                 edge += size

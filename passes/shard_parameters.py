@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from autotp.patterns import param_slice
 from autotp.placements import Shard, placement_index, take_shard
 
 from .base import LoweringContext, PassResult
@@ -115,8 +116,9 @@ def _localize_parts(gm: GraphModule, ctx: LoweringContext) -> bool:
             runs[(start, start + n)] = (local, local + m)
             start, local = start + n, local + m
         for user in list(node.users):
-            if user.target == aten.slice.Tensor and user.args[1] == pl.dim and tuple(user.args[2:4]) in runs:
-                user.args = (node, pl.dim, *runs[tuple(user.args[2:4])], *user.args[4:])
+            part = param_slice(user) if user.target == aten.slice.Tensor else None
+            if part is not None and part[1] == pl.dim and part[2:] in runs:
+                user.args = (node, pl.dim, *runs[part[2:]], *user.args[4:])
                 modified = True
             elif user.target != aten._assert_tensor_metadata.default:
                 raise ValueError(f"parameter {node.target} is held in pieces {pl} but {user.format_node()} reads it "

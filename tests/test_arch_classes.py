@@ -28,6 +28,9 @@ issue at run time (``CommDebugMode``) are as many as the plan lists.
 * ``uneven_fused_split``: Phi-3 with grouped-query attention (4 q heads, 2 KV heads) in one
   ``qkv_proj`` cut by slices into parts of unequal widths ``[64, 32, 32]``: every part sharded at
   world 2; at world 4, fewer KV heads than ranks, q sharded and k, v whole.
+* ``fused_qkv_per_kv_group``: Falcon's new decoder architecture, 8 q heads in 4 KV groups, its
+  fused projection viewed ``[.., groups, q heads per group + 2, head_dim]``, cut along the second
+  of those dims (``[:-2]``, ``[[-2]]``, ``[[-1]]``) and broadcast: sharded by whole KV groups.
 * ``gqa_fewer_kv_heads``: Llama with 2 KV heads in separate projections: at world 4 the k and v
   projections stay whole (listed with their reason), q and the output projection are sharded
   and each rank's q heads read their KV heads from the repeated whole K/V.
@@ -84,6 +87,11 @@ def _build(case: str):
                                       num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB,
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return transformers.Phi3ForCausalLM(cfg).eval()
+    if case == "fused_qkv_per_kv_group":
+        cfg = transformers.FalconConfig(hidden_size=64, num_attention_heads=8, num_kv_heads=4,
+                                        num_hidden_layers=LAYERS, vocab_size=VOCAB, new_decoder_architecture=True,
+                                        parallel_attn=True)
+        return transformers.FalconForCausalLM(cfg).eval()
     if case == "gqa_fewer_kv_heads":
         cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                        num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB)
@@ -93,7 +101,8 @@ def _build(case: str):
 
 # case -> forward all-reduces per layer at the optimum (the vocab-parallel embedding adds one)
 CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2,
-         "weight_transposed": 2, "multi_query": 1, "uneven_fused_split": 2, "gqa_fewer_kv_heads": 2}
+         "weight_transposed": 2, "multi_query": 1, "uneven_fused_split": 2, "fused_qkv_per_kv_group": 1,
+         "gqa_fewer_kv_heads": 2}
 # (case, world) -> the shapes of the weight matrices that stay whole, per layer (the MoE router:
 # experts x hidden; the k and v projections of 2 KV heads at world 4)
 WHOLE = {("moe", 2): [(4, 64)], ("moe", 4): [(4, 64)], ("gqa_fewer_kv_heads", 4): [(32, 64), (32, 64)]}
