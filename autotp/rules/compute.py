@@ -157,6 +157,12 @@ def rule_sdpa(ctx: Ctx, node: Node) -> Decision:
         raise Unsupported("q, k, v sharded with different layouts")
     chunks = layouts.pop()
     gqa = node.kwargs.get("enable_gqa", False)
+    padded = [x for x, p in shards.items() if ctx.padded(x, p)]
+    if gqa and padded:
+        # each rank's q heads must map to its own KV heads: q head h reads KV head h // (Hq / Hkv)
+        x = padded[0]
+        raise Unsupported(f"enable_gqa on heads not divisible by world_size ({ctx.padding_of(x, shards[x])})",
+                          culprits=padded)
     ins = {}
     for x in tins:
         if x in shards:
