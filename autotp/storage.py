@@ -59,10 +59,7 @@ class _Layout:
         if not isinstance(pl, Shard):
             return local
         if pl.pieces:
-            raise NotImplementedError(
-                f"a parameter held in pieces ({pl}: a fused weight whose parts are placed differently, e.g. "
-                "multi-query attention) cannot be saved as a sharded checkpoint yet: save the unsharded model's "
-                "state_dict instead")
+            return self._whole(local, pl, global_shape)
         d, n = pl.dim, global_shape[pl.dim]
         shape = _stored_shape(global_shape, pl)
         if pl.chunks == 1:
@@ -81,6 +78,18 @@ class _Layout:
         return DTensor.from_local(piece, self.mesh, [DShard(dim)], run_check=False, shape=torch.Size(shape),
                                   stride=_contiguous_stride(shape))
 
+    def _whole(self, local: torch.Tensor, pl: Shard, global_shape: list[int]) -> torch.Tensor:
+        """A parameter held in pieces (no DTensor layout mixes sharded and whole rows), stored whole:
+        every rank's local tensor gathered (one all-gather) and put back at its global rows."""
+        gathered = [torch.empty_like(local) for _ in range(self.world)] if self.distributed else [local]
+        if self.distributed:
+            dist.all_gather(gathered, local.contiguous(), group=self.group)
+        whole = local.new_empty(global_shape)
+        for rank, part in enumerate(gathered):
+            whole.index_copy_(pl.dim, placement_index(pl, global_shape[pl.dim], self.world, rank)[0].to(local.device),
+                              part)
+        return whole
+
     def from_stored(self, stored, pl: Placement, local_shape: list[int]) -> torch.Tensor:
         """Inverse of ``to_stored``: this rank's local tensor, zero padding re-added."""
         from torch.distributed.tensor import DTensor
@@ -89,7 +98,7 @@ class _Layout:
         if not isinstance(pl, Shard):
             return t
         if pl.pieces:
-            raise NotImplementedError(f"a parameter held in pieces ({pl}) cannot be loaded from a sharded checkpoint yet")
+            return take_shard(t, pl.dim, *placement_index(pl, t.shape[pl.dim], self.world, self.rank))
         if pl.chunks > 1:
             return t.reshape(local_shape)  # (..., P, block, ...) -> (..., P * block, ...)
         return pad_zeros(t, pl.dim, local_shape[pl.dim] - t.shape[pl.dim])
