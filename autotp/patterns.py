@@ -111,10 +111,12 @@ def param_slice(x: Any) -> tuple[Node, int, int, int] | None:
     if not isinstance(val, torch.Tensor):
         return None
     d, start, stop, step = (list(x.args[1:]) + [0, None, None, 1][len(x.args) - 1:])[:4]
+    if step != 1 or not all(isinstance(v, int) or v is None for v in (d, start, stop)) or d is None:
+        return None  # bounds computed at run time (a causal mask's sym sizes) are not a fixed part
     n = val.shape[d % val.dim()]
     start = 0 if start is None else start
-    stop = n if stop is None else min(stop, n)
-    if step != 1 or not all(isinstance(v, int) for v in (d, start, stop, n)) or not 0 <= start < stop <= n:
+    stop = n if stop is None else min(stop, n) if isinstance(n, int) else stop
+    if not isinstance(n, int) or not 0 <= start < stop <= n:
         return None
     return w, d % val.dim(), start, stop
 
