@@ -18,8 +18,9 @@ by heads, k and v whole where their heads are fewer than the ranks), and the wei
 The rewrite applies when every reader of ``y`` takes one contiguous run of its output features
 (a split along them, a slice, or -- through a view splitting them into ``(n, d)`` -- a slice,
 a one-element index or a select along ``n``; read through a bias add or an unsqueeze first), the
-runs partition the features, and they are
-not the equal split the chunk layout already shards whole (GPT-2's ``split(y, 768)``).
+runs partition the features, they are not the equal split the chunk layout already shards whole
+(GPT-2's ``split(y, 768)``), and all parts flow into one attention op (q, k and v: a fused
+projection feeding other mixers, a Mamba or linear-attention in-projection, is left to their rules).
 """
 from __future__ import annotations
 
@@ -163,6 +164,32 @@ def _worth_splitting(y: Node, reads: list, n: int) -> bool:
     return not (equal and only_split)
 
 
+# Matches the attention ops whose inputs the parts must all be (q, k and v of one attention).
+_ATTENTION = (aten.scaled_dot_product_attention.default,)
+_REACH = 400  # nodes searched from a part for its attention (rotary, repeat_kv and casts are a few dozen)
+
+
+def _one_attention(reads: list) -> bool:
+    """Do all parts flow into one attention op?  The rewrite is for q, k and v: a fused projection
+    feeding other mixers (a Mamba in-projection, a linear-attention one) is left to their rules."""
+    common = None
+    for run in sorted({r for _, r, _ in reads}):
+        seen, todo, found = set(), [reader for reader, r, _ in reads if r == run], set()
+        while todo and len(seen) < _REACH:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.target in _ATTENTION:
+                found.add(n)
+                continue
+            todo.extend(n.users)
+        common = found if common is None else common & found
+        if not common:
+            return False
+    return True
+
+
 def _fake(target, args, kwargs):
     return target(*map_arg(args, lambda a: a.meta["val"]), **map_arg(kwargs, lambda a: a.meta["val"]))
 
@@ -187,7 +214,7 @@ def split_fused_linears(gm: GraphModule) -> bool:
                 not isinstance(b, Node) or b.op != "get_attr" or len(b.meta["val"].shape) != 1)):
             continue
         reads = _reads(gm, node, n)
-        if not reads or not _worth_splitting(node, reads, n):
+        if not reads or not _worth_splitting(node, reads, n) or not _one_attention(reads):
             continue
         chain = []  # the permutations the linear reads the weight through, outermost first
         x = node.args[sig.w]

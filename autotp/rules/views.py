@@ -290,8 +290,8 @@ def rule_view_as(ctx: Ctx, node: Node) -> Decision:
 
 
 def rule_index(ctx: Ctx, node: Node) -> Decision:
-    """index(x, [None, .., idx, ..]) -- ``x[..., idx, :]`` with one 1-D index tensor on a dim other than the
-    sharded one (Falcon's ``qkv[:, :, :, [-2]]`` on a view sharded by KV groups): the shard stays."""
+    """index(x, [None, .., idx, ..]) -- ``x[..., idx, :]`` with one constant 1-D index tensor on a dim other
+    than the sharded one (Falcon's ``qkv[:, :, :, [-2]]`` on a view sharded by KV groups): the shard stays."""
     x, indices = node.args[:2]
     p = ctx.pl(x)
     given = [(j, i) for j, i in enumerate(indices) if i is not None]
@@ -305,4 +305,13 @@ def rule_index(ctx: Ctx, node: Node) -> Decision:
     j, i = given[0]
     if j == p.dim or isinstance(ctx.pl(i), Shard):
         raise Unsupported(f"index along the sharded dim {p.dim}")
+    if not _constant(i):
+        raise Unsupported("index of a sharded tensor by computed indices")
     return Decision(p, {x: p, i: R}, why="index along an unsharded dim")
+
+
+def _constant(x: Node) -> bool:
+    """Is ``x`` a tensor constant of the graph (export lifts ``t[..., [-2], :]``'s list to one)?"""
+    while x.op == "call_function" and x.target in (aten.lift_fresh_copy.default, aten.clone.default):
+        x = x.args[0]
+    return x.op == "get_attr"
