@@ -33,7 +33,8 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
-                       output_leaves, output_node, param_of, param_view_keeps_zero, tensor_inputs)
+                       output_leaves, output_node, param_of, param_slice, param_view_keeps_zero, tensor_inputs)
+from .explain import explain_whole_weights
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
 from .rules.padding import FINITE, ZERO
@@ -285,7 +286,7 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
                         set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept)
     _record_redistributions(analysis)
     _merge_copies(analysis)
-    _explain_whole_weights(analysis)
+    explain_whole_weights(analysis)
     out = output_node(gm)
     analysis.output_placements = [
         None if not is_tensor_node(x) else _as_returned(decisions[out].inputs.get(x, analysis.placements.get(x)))
@@ -340,6 +341,16 @@ def _record_redistributions(a: Analysis) -> None:
             _edge(a, x, node, act, req, out_sharded)
     for base, reqs in requests.items():
         wanted = {r[2] for r in reqs}
+        parts = [param_slice(r[1]) for r in reqs]
+        if any(parts):
+            pieces = _pieces(base, reqs, parts, a.world_size)
+            if pieces is not None:  # the parts of a fused weight, each placed as its linear wants
+                a.param_placements[base.target] = pieces
+                for node, x, base_req, _, out_sharded in reqs:
+                    if base_req == R and out_sharded and _is_floating(x):
+                        a.redistributions.append(Redistribution(x, node, R, R, "copy"))
+                continue
+            wanted = wanted | {R} if len(wanted) == 1 and isinstance(next(iter(wanted)), Shard) else wanted
         if len(wanted) == 1:
             a.param_placements[base.target] = wanted.pop()
             if a.param_placements[base.target] == R:
@@ -353,6 +364,30 @@ def _record_redistributions(a: Analysis) -> None:
                                      "where a shard is needed (compute stays split, memory does not)")
         for node, x, _, req, out_sharded in reqs:
             _edge(a, x, node, R, req, out_sharded)
+
+
+def _pieces(base: Node, reqs: list, parts: list, world: int) -> Shard | None:
+    """The placement of a parameter read only in parts (``slice(W, d, a, b)``, one per linear of a split
+    fused weight), each part sharded along ``d`` or whole: ``Shard(d, pieces=...)``, or ``None`` when the
+    parts overlap, miss rows, are read along different dims or with other shards (then it is held whole)."""
+    if not all(parts) or len({p[1] for p in parts}) != 1:
+        return None
+    d = parts[0][1]
+    runs: dict[tuple[int, int], set] = {}
+    for (_, _, base_req, _, _), (_, _, start, stop) in zip(reqs, parts):
+        runs.setdefault((start, stop), set()).add(base_req)
+    edge, pieces = 0, []
+    for (start, stop), want in sorted(runs.items()):
+        if start != edge or len(want) != 1:
+            return None
+        p = want.pop()
+        if isinstance(p, Shard) and (p.dim != d or p.chunks != 1 or (stop - start) % world):
+            return None
+        pieces.append((stop - start, isinstance(p, Shard)))
+        edge = stop
+    if edge != base.meta["val"].shape[d] or not any(sharded for _, sharded in pieces):
+        return None
+    return Shard(d, pieces=tuple(pieces))
 
 
 def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_sharded: bool) -> None:
@@ -443,45 +478,3 @@ def _grad_input(a: Analysis, n: Node) -> Node | None:
     """The one input of ``n`` that needs a gradient, or ``None`` if not exactly one does."""
     ins = [x for x in n.all_input_nodes if x in a.needs_grad]
     return ins[0] if len(ins) == 1 else None
-
-
-def _weight_users(w: Node) -> list[Node]:
-    """The ops that read parameter ``w``, through the views that only reorder its dims."""
-    out = []
-    for u in w.users:
-        if u.target is torch.ops.aten._assert_tensor_metadata.default:
-            continue  # a metadata check reads nothing
-        found = param_of(u) if u.op == "call_function" else None
-        out += _weight_users(u) if found is not None and found[0] is w else [u]
-    return out
-
-
-def _explain_whole_weights(a: Analysis) -> None:
-    """Give every weight of two or more dims that stays whole a reason in ``kept_whole`` (and so in
-    ``plan.replicated``), unless a demoted seed already explains it: a reader learns what was not
-    sharded, sharded exactly or not, without diffing parameter lists."""
-    explained = set(a.kept_whole)
-    for node in a.demoted:
-        found = linear_weight(node)
-        w = found[1] if found else (node.args[0] if node.args else None)
-        if isinstance(w, Node):
-            explained.add(w.target)
-    for w in a.graph_module.graph.nodes:
-        val = w.meta.get("val")
-        if (w.op != "get_attr" or not isinstance(val, torch.Tensor) or val.dim() < 2 or w.target in explained
-                or isinstance(a.param_placements.get(w.target), Shard)):
-            continue
-        why = []
-        for u in _weight_users(w):
-            found = linear_weight(u)
-            if found is not None and found[1] is w:
-                n_out = val.shape[found[2]]
-                why.append(f"a linear with {n_out} output features, fewer than world_size ({a.world_size})"
-                           if n_out < a.world_size else f"a linear ({u.name}) whose input and output stay whole")
-            elif embedding_table(u) is w:
-                why.append(f"an embedding lookup ({u.name}) not split by vocab (ids computed, not the user's, or "
-                           "a table smaller than the vocabulary's)")
-            else:
-                why.append(f"read whole by {getattr(u.target, '__name__', u.target)} ({u.name}): no rule shards "
-                           "a weight read this way")
-        a.kept_whole[w.target] = "; ".join(dict.fromkeys(why)) or "not read by the captured graph"

@@ -12,6 +12,8 @@ of the pieces it now holds.  What each autotp placement is stored as::
                                                            (DTensor's uneven Shard = autotp's ceil blocks)
     S(d,chunks=P)      block r of each of P chunks         DTensor Shard(d+1) of the global tensor viewed
                                                            as [..., P, N/P, ...] (same bytes, same order)
+    S(d,pieces=...)    block r of each sharded run, the    plain tensor, global shape, gathered whole (no
+                       whole runs whole                    DTensor layout mixes sharded and whole rows)
 
 The stored tensor of ``S(d, chunks=P)`` is the global tensor reshaped, so
 ``stored.reshape(global_shape)`` is the model's own weight.  Where a parameter's stored

@@ -71,7 +71,7 @@ def local_shape(shape, pl, world: int):
     out = list(shape)
     d = pl.dim % len(out)
     if isinstance(out[d], int):
-        out[d] = local_size(out[d], world, pl.chunks)
+        out[d] = local_size(out[d], world, pl.chunks, pl.pieces)
     return tuple(out)
 
 

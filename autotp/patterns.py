@@ -94,7 +94,8 @@ def param_of(x: Any, *, computed: bool = True) -> tuple[Node, tuple[int | None, 
     """If ``x`` is a parameter (``get_attr``), possibly through ``t``/``transpose``/``permute``, size-1
     dims inserted or removed, and elementwise ops of it alone (``-exp(A.float())``), return
     ``(get_attr node, perm)`` where ``perm`` maps x's dims to the parameter's dims (``None`` for
-    an inserted size-1 dim).  Such a value is computed from a parameter alone, so a rank holding a
+    an inserted size-1 dim), and through one contiguous ``slice`` (a part of a fused weight:
+    ``param_slice``).  Such a value is computed from a parameter alone, so a rank holding a
     slice of the parameter computes the matching slice of it: it is placed where it is read.
     ``computed=False``: through the dim permutations only (what a linear's weight is read through:
     a cast weight, ``linear(x, W.float())``, is not seeded -- hyper-connection mixers read so are
@@ -107,6 +108,8 @@ def param_of(x: Any, *, computed: bool = True) -> tuple[Node, tuple[int | None, 
         return x, tuple(range(nd))
     if x.op != "call_function" or not isinstance(x.args[0] if x.args else None, Node):
         return None
+    if x.target == aten.slice.Tensor and param_slice(x) is not None:
+        return param_of(x.args[0], computed=computed)
     if x.target in _UNIT_DIMS and computed:
         inner = param_of(x.args[0])
         if inner is None:
@@ -162,6 +165,30 @@ def param_view_keeps_zero(x: Node) -> bool:
 # Matches elementwise ops with f(0) = 0 (of one tensor: casts, copies, sign flips).
 _ZERO_TO_ZERO = {aten.to, aten._to_copy, aten.type_as, aten.alias, aten.clone, aten.contiguous, aten.detach,
                  aten.lift_fresh_copy, aten.neg, aten.abs, aten.tanh, aten.square, aten.silu, aten.relu, aten.gelu}
+
+
+def param_slice(x: Any) -> tuple[Node, int, int, int] | None:
+    """``(get_attr node, param dim, start, stop)`` if ``x`` is ``slice(W, d, start, stop)`` of a parameter
+    (step 1, bounds within the dim), possibly read through ``t``/``transpose``/``permute`` after it."""
+    if not isinstance(x, Node) or x.op != "call_function":
+        return None
+    if x.target in _PERMUTING:
+        return param_slice(x.args[0])
+    if x.target != aten.slice.Tensor or not (isinstance(x.args[0], Node) and x.args[0].op == "get_attr"):
+        return None
+    w = x.args[0]
+    val = w.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    d, start, stop, step = (list(x.args[1:]) + [0, None, None, 1][len(x.args) - 1:])[:4]
+    if step != 1 or not all(isinstance(v, int) or v is None for v in (d, start, stop)) or d is None:
+        return None  # bounds computed at run time (a causal mask's sym sizes) are not a fixed part
+    n = val.shape[d % val.dim()]
+    start = 0 if start is None else start
+    stop = n if stop is None else min(stop, n) if isinstance(n, int) else stop
+    if not isinstance(n, int) or not 0 <= start < stop <= n:
+        return None
+    return w, d % val.dim(), start, stop
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@
 1. **capture** (``capture.export_graph``, the only ``torch.export`` call): a model, or a
    generation step wrapping one, becomes an ATen-level fx graph.
 2. **analyze** (``analyze.analyze``): seeds from dataflow (column linears, vocab
-   embeddings), placements propagated by ``rules``, demoted to a fixpoint.
+   embeddings), placements propagated by ``rules``, demoted to a fixpoint -- after
+   ``split_linears.split_fused_linears`` gave each part of a fused weight split
+   unevenly its own linear.
 3. **plan** (``plan.build_plan``): the typed ``Plan`` -- parameters, per-node decisions,
    redistribution steps and every collective.  ``autotp.plan`` stops here, in one process.
 4. **lower** (``passes/``, in ``LOWERING`` order): each pass applies its part of the plan
@@ -38,6 +40,7 @@ from .groups import max_and_min, resolve_group
 from .runtime import Communicator
 from .kernels import enabled as kernels_enabled
 from .samehost import enable_same_host_collectives
+from .split_linears import split_fused_linears
 
 __all__ = ["Ranks", "join_ranks", "plan_graph", "check_plans_agree", "lower_graph", "lowering_context", "plan_model",
            "compile_model", "compiled", "run_device", "LOWERING"]
@@ -95,6 +98,7 @@ def plan_graph(gm: GraphModule, world_size: int, config: ShardConfig, *,
 
     ``input_placements`` / ``local_outputs``: see ``analyze``; ``param_names``: graph
     attribute -> the name the plan (and a ``load`` callback) uses."""
+    split_fused_linears(gm)  # in place: lowering reads the graph the analysis saw
     analysis = analyze(gm, world_size, strict=config.strict, gather_outputs=config.gather_outputs,
                        input_placements=input_placements, local_outputs=local_outputs)
     return build_plan(analysis, param_names, recompute_blocks=config.activation_checkpointing)

@@ -257,7 +257,7 @@ def _local(shape: tuple, val, pl: Placement, world: int) -> tuple:
     if not isinstance(pl, Shard):
         return shape
     out = list(shape)
-    out[pl.dim] = local_size(_size_hint(val.shape[pl.dim]), world, pl.chunks)
+    out[pl.dim] = local_size(_size_hint(val.shape[pl.dim]), world, pl.chunks, pl.pieces)
     return tuple(out)
 
 

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .placements import Placement, Shard, pad_zeros, shard_index, take_shard
+from .placements import Placement, Shard, pad_zeros, placement_index, shard_index, take_shard
 from .plan import ParamPlan
 
 
@@ -58,6 +58,8 @@ class _Layout:
         """This rank's local tensor -> what DCP saves (a DTensor over the TP mesh, or a plain tensor)."""
         if not isinstance(pl, Shard):
             return local
+        if pl.pieces:
+            return self._whole(local, pl, global_shape)
         d, n = pl.dim, global_shape[pl.dim]
         shape = _stored_shape(global_shape, pl)
         if pl.chunks == 1:
@@ -76,6 +78,18 @@ class _Layout:
         return DTensor.from_local(piece, self.mesh, [DShard(dim)], run_check=False, shape=torch.Size(shape),
                                   stride=_contiguous_stride(shape))
 
+    def _whole(self, local: torch.Tensor, pl: Shard, global_shape: list[int]) -> torch.Tensor:
+        """A parameter held in pieces (no DTensor layout mixes sharded and whole rows), stored whole:
+        every rank's local tensor gathered (one all-gather) and put back at its global rows."""
+        gathered = [torch.empty_like(local) for _ in range(self.world)] if self.distributed else [local]
+        if self.distributed:
+            dist.all_gather(gathered, local.contiguous(), group=self.group)
+        whole = local.new_empty(global_shape)
+        for rank, part in enumerate(gathered):
+            whole.index_copy_(pl.dim, placement_index(pl, global_shape[pl.dim], self.world, rank)[0].to(local.device),
+                              part)
+        return whole
+
     def from_stored(self, stored, pl: Placement, local_shape: list[int]) -> torch.Tensor:
         """Inverse of ``to_stored``: this rank's local tensor, zero padding re-added."""
         from torch.distributed.tensor import DTensor
@@ -83,6 +97,8 @@ class _Layout:
         t = stored.to_local() if isinstance(stored, DTensor) else stored
         if not isinstance(pl, Shard):
             return t
+        if pl.pieces:
+            return take_shard(t, pl.dim, *placement_index(pl, t.shape[pl.dim], self.world, self.rank))
         if pl.chunks > 1:
             return t.reshape(local_shape)  # (..., P, block, ...) -> (..., P * block, ...)
         return pad_zeros(t, pl.dim, local_shape[pl.dim] - t.shape[pl.dim])
@@ -91,7 +107,7 @@ class _Layout:
         """This rank's local tensor cut from the global one (where the stored form changed)."""
         if not isinstance(pl, Shard):
             return full
-        return take_shard(full, pl.dim, *shard_index(full.shape[pl.dim], self.world, self.rank, pl.chunks))
+        return take_shard(full, pl.dim, *placement_index(pl, full.shape[pl.dim], self.world, self.rank))
 
 
 def _entries(sharded) -> dict[str, tuple[torch.Tensor, ParamPlan]]:

@@ -2,6 +2,7 @@
 
     W[out, in]  with S(0, chunks)   ->   W_r[out / n, in]   (a copy: the full tensor is not kept)
     b[out]      with R              ->   b.clone()
+    W[96, in]   with S(0, pieces=64S+16R+16R)  ->  W_r[32 + 16 + 16, in]; its parts' slices made local
 
 ``ctx.load`` (optional) supplies a tensor without the full one in memory --
 ``load(name, dim, index, pad)`` returns a slice of a sharded parameter, and
@@ -21,9 +22,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from autotp.placements import Shard, shard_index, take_shard
+from autotp.patterns import param_slice
+from autotp.placements import Shard, placement_index, take_shard
 
 from .base import LoweringContext, PassResult
+
+aten = torch.ops.aten
 
 
 def _owner(gm: nn.Module, target: str):
@@ -75,7 +79,7 @@ def shard_parameters(gm: GraphModule, ctx: LoweringContext) -> PassResult:
             if shared is not None:
                 shared[key] = (pl, getattr(mod, leaf))
             continue
-        index, pad = shard_index(full.shape[pl.dim], world_size, rank, pl.chunks)
+        index, pad = placement_index(pl, full.shape[pl.dim], world_size, rank)
         if load is not None:
             local = here(load(param.name, pl.dim, index, pad))
         elif full.device.type == "meta":
@@ -90,7 +94,36 @@ def shard_parameters(gm: GraphModule, ctx: LoweringContext) -> PassResult:
         if shared is not None:
             shared[key] = (pl, getattr(mod, leaf))
         modified = True
+    modified |= _localize_parts(gm, ctx)
     return PassResult(gm, modified)
+
+
+def _localize_parts(gm: GraphModule, ctx: LoweringContext) -> bool:
+    """Point each ``slice(W, d, start, stop)`` of a parameter held in ``pieces`` at its part of the local tensor::
+
+        W: S(0, pieces=64S+16R+16R), world 2      slice(W, 0, 64, 80)  ->  slice(W_r, 0, 32, 48)
+    """
+    pieced = {p.target: p.placement for p in ctx.plan.parameters.values()
+              if isinstance(p.placement, Shard) and p.placement.pieces}
+    modified = False
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target not in pieced:
+            continue
+        pl = pieced[node.target]
+        runs, start, local = {}, 0, 0
+        for n, sharded in pl.pieces:
+            m = n // ctx.world_size if sharded else n
+            runs[(start, start + n)] = (local, local + m)
+            start, local = start + n, local + m
+        for user in list(node.users):
+            part = param_slice(user) if user.target == aten.slice.Tensor else None
+            if part is not None and part[1] == pl.dim and part[2:] in runs:
+                user.args = (node, pl.dim, *runs[part[2:]], *user.args[4:])
+                modified = True
+            elif user.target != aten._assert_tensor_metadata.default:
+                raise ValueError(f"parameter {node.target} is held in pieces {pl} but {user.format_node()} reads it "
+                                 "other than as one whole piece: its local tensor cannot be read that way")
+    return modified
 
 
 def _set_shared(mod: nn.Module, leaf: str, local) -> None:

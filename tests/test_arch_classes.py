@@ -30,6 +30,20 @@ issue at run time (``CommDebugMode``) are as many as the plan lists.
   row-parallel: two all-reduces per layer.  Backward too: dt, B and C (C read once per time step)
   reach the sharded scan along paths of replicated ops, and one ``copy`` where they meet, after
   the all-reduce, sums their gradients once.
+* ``multi_query``: Falcon with one KV head (fewer than the ranks) in its fused
+  ``query_key_value [(heads + 2) * head_dim]``, viewed per head and cut ``[:-2]`` / ``[[-2]]`` /
+  ``[[-1]]``: one linear per part (``autotp.split_linears``), the q rows sharded by heads and the
+  k and v rows whole (the weight held in pieces), every rank attending its q heads to the whole
+  K/V; and a parallel block summing its branches in place (``add_``): one all-reduce per layer.
+* ``uneven_fused_split``: Phi-3 with grouped-query attention (4 q heads, 2 KV heads) in one
+  ``qkv_proj`` cut by slices into parts of unequal widths ``[64, 32, 32]``: every part sharded at
+  world 2; at world 4, fewer KV heads than ranks, q sharded and k, v whole.
+* ``fused_qkv_per_kv_group``: Falcon's new decoder architecture, 8 q heads in 4 KV groups, its
+  fused projection viewed ``[.., groups, q heads per group + 2, head_dim]``, cut along the second
+  of those dims (``[:-2]``, ``[[-2]]``, ``[[-1]]``) and broadcast: sharded by whole KV groups.
+* ``gqa_fewer_kv_heads``: Llama with 2 KV heads in separate projections: at world 4 the k and v
+  projections stay whole (listed with their reason), q and the output projection are sharded
+  and each rank's q heads read their KV heads from the repeated whole K/V.
 """
 from __future__ import annotations
 
@@ -77,25 +91,51 @@ def _build(case: str):
         cfg = transformers.MambaConfig(hidden_size=64, intermediate_size=128, state_size=8, time_step_rank=8,
                                        conv_kernel=4, num_hidden_layers=LAYERS, vocab_size=VOCAB)
         return transformers.MambaForCausalLM(cfg).eval()
+    if case == "multi_query":
+        cfg = transformers.FalconConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=LAYERS,
+                                        vocab_size=VOCAB, bias=True, new_decoder_architecture=False,
+                                        multi_query=True, parallel_attn=True)
+        return transformers.FalconForCausalLM(cfg).eval()
+    if case == "uneven_fused_split":
+        cfg = transformers.Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return transformers.Phi3ForCausalLM(cfg).eval()
+    if case == "fused_qkv_per_kv_group":
+        cfg = transformers.FalconConfig(hidden_size=64, num_attention_heads=8, num_kv_heads=4,
+                                        num_hidden_layers=LAYERS, vocab_size=VOCAB, new_decoder_architecture=True,
+                                        parallel_attn=True)
+        return transformers.FalconForCausalLM(cfg).eval()
+    if case == "gqa_fewer_kv_heads":
+        cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=LAYERS, intermediate_size=128, vocab_size=VOCAB)
+        return transformers.LlamaForCausalLM(cfg).eval()
     raise KeyError(case)
 
 
 # case -> forward all-reduces per layer at the optimum (the vocab-parallel embedding adds one)
 CASES = {"parallel_residual": 1, "sequential": 2, "interleaved_rotary": 1, "fused_qkv_per_head": 2, "moe": 2,
-         "weight_transposed": 2, "state_space": 2}
+         "weight_transposed": 2, "multi_query": 1, "uneven_fused_split": 2, "fused_qkv_per_kv_group": 1,
+         "gqa_fewer_kv_heads": 2, "state_space": 2}
 # case -> backward all-reduces per layer where the class promises it (Mamba: the gradients of x_proj's
 # input and of in_proj's input, each reduced once; the LM head's input adds one)
 BACKWARD = {"state_space": 2}
-# case -> the shape of the weight matrices that stay whole (the MoE router: experts x hidden)
-WHOLE = {"moe": (4, 64)}
+# (case, world) -> the shapes of the weight matrices that stay whole, per layer (the MoE router:
+# experts x hidden; the k and v projections of 2 KV heads at world 4)
+WHOLE = {("moe", 2): [(4, 64)], ("moe", 4): [(4, 64)], ("gqa_fewer_kv_heads", 4): [(32, 64), (32, 64)]}
+# (case, world) -> the layouts of the fused attention weight (and bias), per layer: (size, sharded) parts
+_MQA = ((64, True), (16, False), (16, False))
+PIECES = {("multi_query", 2): [_MQA, _MQA], ("multi_query", 4): [_MQA, _MQA],
+          ("uneven_fused_split", 2): [((64, True), (32, True), (32, True))],
+          ("uneven_fused_split", 4): [((64, True), (32, False), (32, False))]}
 
 
 def _narrow(t, placement, world, rank):
-    from autotp.placements import Shard, shard_index, take_shard
+    from autotp.placements import Shard, placement_index, take_shard
 
     if not isinstance(placement, Shard):
         return t
-    return take_shard(t, placement.dim, *shard_index(t.shape[placement.dim], world, rank, placement.chunks))
+    return take_shard(t, placement.dim, *placement_index(placement, t.shape[placement.dim], world, rank))
 
 
 def _counted(mode: CommDebugMode) -> int:
@@ -128,6 +168,8 @@ def _check(case: str, world: int, rank: int) -> dict:
         "share": plan.memory["param_bytes_per_rank"] / plan.memory["param_bytes_total"],
         "whole_2d": sorted(p.global_shape for n, p in plan.parameters.items()  # weights, not buffers (rotary tables)
                            if n in params and len(p.global_shape) >= 2 and not isinstance(p.placement, autotp.Shard)),
+        "pieces": sorted(p.placement.pieces for p in plan.parameters.values()
+                         if isinstance(p.placement, autotp.Shard) and p.placement.pieces),
         "whole_explained": all(n in plan.replicated for n, p in plan.parameters.items()
                                if len(p.global_shape) >= 2 and not isinstance(p.placement, autotp.Shard)),
         "planned": {ph: len([c for c in plan.collectives if c.phase == ph]) for ph in ("forward", "backward")},
@@ -148,8 +190,9 @@ def test_class(case, world):
         r = per_rank[case]
         assert r["err"] <= 1e-5, (rank, r)
         assert r["grad_err"] <= 1e-5, (rank, r)
-        # every weight matrix sharded but the router's, which is listed with its reason
-        assert r["whole_2d"] == [WHOLE[case]] * LAYERS if case in WHOLE else r["whole_2d"] == [], (rank, r)
+        # every weight matrix sharded but the router's (and k, v with fewer heads than ranks), listed with its reason
+        assert r["whole_2d"] == sorted(WHOLE.get((case, world), []) * LAYERS), (rank, r)
+        assert r["pieces"] == sorted(PIECES.get((case, world), []) * LAYERS), (rank, r)
         assert r["whole_explained"], (rank, r)
         assert r["share"] <= 1 / world + 0.1, (rank, r)
         assert r["ran"] == r["planned"], (rank, r)  # the plan lists what runs, forward and backward

@@ -1,10 +1,11 @@
-"""generate() on the parallel-residual and mixture-of-experts classes: token-for-token the unsharded model's.
+"""generate() on the parallel-residual, MoE and multi-query classes: token-for-token the unsharded model's.
 
-GPT-NeoX with a parallel residual and Mixtral (3-D expert weights through a grouped matmul), from
-``test_arch_classes``, on 2 gloo ranks: greedy decoding and beam search of left-padded prompts
-against the same model unsharded, and one decode step's all-reduces as counted and as planned --
-one per parallel-residual layer, two per Mixtral layer (attention, experts), plus one for the
-vocab-parallel embedding.
+GPT-NeoX with a parallel residual, Mixtral (3-D expert weights through a grouped matmul) and Falcon
+with one KV head (q heads sharded, the one k and v head computed whole on every rank: each rank
+caches its q heads' K/V whole), from ``test_arch_classes``, on 2 gloo ranks: greedy decoding and
+beam search of left-padded prompts against the same model unsharded, and one decode step's
+all-reduces as counted and as planned -- one per parallel-residual layer (GPT-NeoX, Falcon), two
+per Mixtral layer (attention, experts), plus one for the vocab-parallel embedding.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _case(rank: int, world: int, case: str):
     return out, ran, tp.autotp_steps.plans["decode"].counts("forward").get("all_reduce")
 
 
-@pytest.mark.parametrize("case", ["parallel_residual", "moe"])
+@pytest.mark.parametrize("case", ["parallel_residual", "moe", "multi_query"])
 def test_generate_matches_unsharded(case):
     for rank, (out, ran, planned) in enumerate(run_ranks(_case, 2, case)):
         for mode, (want, got) in out.items():

@@ -323,6 +323,55 @@ def test_placement_that_differs_between_saving_and_loading(runs, tmp_path):
     assert _step(chunked, chunked_opt) == _step(replicated, opt)
 
 
+def _mqa(world):
+    """Falcon with one KV head (``test_arch_classes``): its fused attention weight is held in pieces,
+    the q rows sharded and the k, v rows whole (``S(0, pieces=64S+16R+16R)``)."""
+    import autotp
+    from test_arch_classes import VOCAB, _build
+
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    model = _build("multi_query")
+    return model, autotp.shard(model, world, example_inputs=(ids,), example_kwargs={"use_cache": False}), ids
+
+
+def _pieced_save(rank, world, root):
+    _quiet()
+    import autotp.checkpoint as ckpt
+
+    model, sharded, ids = _mqa(world)
+    whole = ckpt.full_state_dict(sharded)
+    own = dict(model.named_parameters(remove_duplicate=False))  # (the plan also holds export's lifted constants)
+    mismatch = [n for n, t in whole.items() if n in own and not torch.equal(t, own[n])]
+    opt = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
+    sharded(ids, use_cache=False).logits.square().mean().backward()
+    opt.step()
+    ckpt.save(os.path.join(root, "mqa"), sharded, opt)
+    return {"pieced": sorted(n for n, p in sharded.plan.parameters.items() if getattr(p.placement, "pieces", ())),
+            "gather_mismatch": mismatch, "saved": ckpt.full_state_dict(sharded)}
+
+
+def _pieced_load(rank, world, root):
+    _quiet()
+    import autotp.checkpoint as ckpt
+
+    _, sharded, _ = _mqa(world)
+    with torch.no_grad():
+        for p in sharded.parameters():
+            p.add_(1.0)  # other weights: everything must come from the checkpoint
+    ckpt.load(os.path.join(root, "mqa"), sharded, torch.optim.AdamW(sharded.parameters(), lr=1e-3))
+    return ckpt.full_state_dict(sharded)
+
+
+def test_weight_held_in_pieces_saves_and_loads_at_another_world_size(tmp_path):
+    saved = run_ranks(_pieced_save, 2, str(tmp_path))[0]
+    assert saved["pieced"] == [f"transformer.h.{i}.self_attention.query_key_value.{k}"
+                               for i in range(2) for k in ("bias", "weight")]
+    assert saved["gather_mismatch"] == []  # gathered whole: the unsharded model's tensors
+    loaded = run_ranks(_pieced_load, 4, str(tmp_path))
+    for rank, got in enumerate(loaded):
+        assert _equal(got, saved["saved"]) == [], rank
+
+
 def test_bad_paths_and_missing_optimizer_state(tmp_path):
     _quiet()
     import torch.distributed.checkpoint as dcp

@@ -176,11 +176,11 @@ class WeightT(nn.Module):
 
 
 def _narrow(t, placement, world, rank):
-    from autotp.placements import Shard, shard_index, take_shard
+    from autotp.placements import Shard, placement_index, take_shard
 
     if not isinstance(placement, Shard):
         return t
-    return take_shard(t, placement.dim, *shard_index(t.shape[placement.dim], world, rank, placement.chunks))
+    return take_shard(t, placement.dim, *placement_index(placement, t.shape[placement.dim], world, rank))
 
 
 def _check(model, world, rank, x, grads=True):

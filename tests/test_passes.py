@@ -12,6 +12,52 @@ from autotp.placements import Replicate, Shard, shard_index
 from autotp.rules import Unsupported, reshape_shard
 
 
+def test_pieced_shard_index():
+    # [q q q q | k | v] over 2 ranks: q split by rows, the one k and v row whole on both
+    pieces = ((4, True), (1, False), (1, False))
+    assert shard_index(6, 2, 1, pieces=pieces)[0].tolist() == [2, 3, 4, 5]
+    assert autotp.placements.local_size(6, 2, pieces=pieces) == 4
+    with pytest.raises(ValueError, match=r"do not lay out a dim of size 7 over 2 ranks"):
+        shard_index(7, 2, 0, pieces=pieces)
+
+
+class _FusedUneven(nn.Module):
+    """A fused projection cut into q (4 heads of 4) and one k and one v head: multi-query attention's shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([16, 4, 4], dim=-1)
+        b, s, _ = x.shape
+        q = q.view(b, s, 4, 4).transpose(1, 2)
+        k, v = (t.view(b, s, 1, 4).transpose(1, 2) for t in (k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, s, 16))
+
+
+def test_split_fused_linears_gives_each_part_its_linear():
+    from autotp.capture import capture
+    from autotp.split_linears import split_fused_linears
+
+    torch.manual_seed(0)
+    model, x = _FusedUneven().eval(), torch.randn(2, 3, 8)
+    gm = capture(model, (x,), None, dynamic=False)
+    assert split_fused_linears(gm)
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert [tuple(n.meta["val"].shape) for n in linears] == [(2, 3, 16), (2, 3, 4), (2, 3, 4), (2, 3, 8)]
+    got = gm(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    torch.testing.assert_close(got, model(x), rtol=1e-6, atol=1e-7)  # the same math, rounded per part
+    assert not split_fused_linears(gm)  # nothing left to split
+    # planned: q part sharded, k and v parts whole on every rank, the weight held in pieces
+    plan = autotp.plan(model, 2, example_inputs=(x,))
+    assert repr(plan.parameters["qkv.weight"].placement) == "S(0,pieces=16S+4R+4R)"
+    assert repr(plan.parameters["out.weight"].placement) == "S(1)"
+
+
 def test_reshape_splits_projection_into_whole_heads():
     # (B, S, 768) -> (B, S, 12, 64): the shard lands on the heads dim
     assert reshape_shard((2, 8, 768), (2, 8, 12, 64), Shard(2), 2) == Shard(2)

@@ -17,12 +17,12 @@ from distributed import run_ranks_once
 
 def _narrow(t: torch.Tensor, placement, world: int, rank: int) -> torch.Tensor:
     """The reference tensor cut the way autotp shards it (zero rows appended for padding)."""
-    from autotp.placements import Shard, shard_index, take_shard
+    from autotp.placements import Shard, placement_index, take_shard
 
     pl = placement
     if not isinstance(pl, Shard):
         return t
-    return take_shard(t, pl.dim, *shard_index(t.shape[pl.dim], world, rank, pl.chunks))
+    return take_shard(t, pl.dim, *placement_index(pl, t.shape[pl.dim], world, rank))
 
 
 def _grad_errors(sharded, model, world, rank):

@@ -102,13 +102,14 @@ def rule_replicated(ctx: Ctx, node: Node) -> Decision:
 # --------------------------------------------------------------------------- pointwise
 
 # Matches pointwise ops through which a partial sum stays a partial sum, with how many leading
-# tensor operands they sum: add and sub (a replicated operand joins on rank 0) and copies.
+# tensor operands they sum: add and sub (a replicated operand joins on rank 0) and copies; add in
+# place too, where its output is the only reader of the tensor it writes.
 # Deliberately not mul-by-replicated or casts: those are linear too, but delaying the
 # all-reduce past them only moves it, and a value that then forks (RMSNorm's
 # ``x * rsqrt(mean(x^2))``) would be reduced twice.
 # Dropout too: a partial sum is not sharded, so every rank draws the same mask from the shared
 # generator (``passes/lower_dropout.py``), and ``sum_r m * p_r = m * sum_r p_r``.
-PARTIAL_LINEAR = {aten.add: 2, aten.sub: 2, aten.alias: 1, aten.clone: 1, aten.contiguous: 1, aten.dropout: 1}
+PARTIAL_LINEAR = {aten.add: 2, aten.add_: 2, aten.sub: 2, aten.alias: 1, aten.clone: 1, aten.contiguous: 1, aten.dropout: 1}
 
 
 def _partial_ok(node: Node, parts: list[Node], tins: list[Node]) -> bool:
@@ -121,6 +122,8 @@ def _partial_ok(node: Node, parts: list[Node], tins: list[Node]) -> bool:
     n = PARTIAL_LINEAR.get(getattr(node.target, "overloadpacket", None))
     if n is None:
         return False
+    if node.target.overloadpacket == aten.add_ and len(node.args[0].users) != 1:
+        return False  # in place: only where no one else reads the tensor it writes (Falcon's branch sum)
     operands = list(node.args[:n]) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
     return (len(operands) == n and all(isinstance(a, Node) and a in tins for a in operands)
             and set(operands) == set(tins))

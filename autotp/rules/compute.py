@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..patterns import grouped_weight, linear_bias, linear_weight, op_arg, param_of, tensor_inputs
+from ..patterns import grouped_weight, linear_bias, linear_weight, op_arg, param_of, param_slice, tensor_inputs
 from ..placements import Partial, Placement, Shard
 
 from .base import P, R, Ctx, Decision, Unsupported, _norm, rule_pointwise, rule_replicated
@@ -157,6 +157,12 @@ def rule_sdpa(ctx: Ctx, node: Node) -> Decision:
         raise Unsupported("q, k, v sharded with different layouts")
     chunks = layouts.pop()
     gqa = node.kwargs.get("enable_gqa", False)
+    padded = [x for x, p in shards.items() if ctx.padded(x, p)]
+    if gqa and padded:
+        # each rank's q heads must map to its own KV heads: q head h reads KV head h // (Hq / Hkv)
+        x = padded[0]
+        raise Unsupported(f"enable_gqa on heads not divisible by world_size ({ctx.padding_of(x, shards[x])})",
+                          culprits=padded)
     ins = {}
     for x in tins:
         if x in shards:
@@ -299,6 +305,12 @@ def rule_linear(ctx: Ctx, node: Node) -> Decision:
     if b is not None and param_of(b) is None:
         raise Unsupported("linear with a computed bias")
     feat = 2 if sig.left else 1  # features run along the last dim (x @ W^T), or the one before (W @ x)
+    # the weight's placement is asked of the parameter, or of the part of it the linear reads (one part
+    # of a fused weight, ``autotp.split_linears``), in the dims that part is read with
+    if param_slice(node.args[sig.w]) is not None:
+        w = node.args[sig.w]
+        perm = param_of(w)[1]
+        w_out, w_in = perm.index(w_out), perm.index(w_in)
     if isinstance(px, Shard) and px.dim == nd - feat:
         if ctx.padded(x, px) and ctx.pad_of(x) != ZERO:
             raise Unsupported(f"the padding of an uneven shard ({ctx.padding_of(x, px)}) is {NAMES[ctx.pad_of(x)]}, "

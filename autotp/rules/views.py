@@ -150,6 +150,8 @@ def rule_slice(ctx: Ctx, node: Node) -> Decision:
     p = ctx.pl(x)
     nd = len(ctx.shape(x))
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    if p is None and param_of(node) is not None:
+        return Decision(None, {}, why="part of a parameter")  # placed where it is read
     if isinstance(p, Partial):
         return Decision(P, {x: P}, why="slice of a partial sum")
     if not isinstance(p, Shard):
@@ -287,3 +289,31 @@ def rule_view_as(ctx: Ctx, node: Node) -> Decision:
     if isinstance(po, Partial):
         raise Unsupported("view_as a partial sum's shape")
     return Decision(q, {x: p, other: q}, why=f"reshape moves the shard to dim {q.dim}")
+
+
+def rule_index(ctx: Ctx, node: Node) -> Decision:
+    """index(x, [None, .., idx, ..]) -- ``x[..., idx, :]`` with one constant 1-D index tensor on a dim other
+    than the sharded one (Falcon's ``qkv[:, :, :, [-2]]`` on a view sharded by KV groups): the shard stays."""
+    x, indices = node.args[:2]
+    p = ctx.pl(x)
+    given = [(j, i) for j, i in enumerate(indices) if i is not None]
+    idx = [i for _, i in given]
+    if not isinstance(p, Shard):
+        if any(isinstance(ctx.pl(i), Shard) for i in idx if isinstance(i, Node)):
+            raise Unsupported("index with sharded indices")
+        return Decision(R, {a: R for a in [x, *idx] if isinstance(a, Node)}, why="replicated")
+    if len(given) != 1 or not isinstance(given[0][1], Node) or len(ctx.shape(given[0][1])) != 1:
+        raise Unsupported("index of a sharded tensor other than by one 1-D index tensor")
+    j, i = given[0]
+    if j == p.dim or isinstance(ctx.pl(i), Shard):
+        raise Unsupported(f"index along the sharded dim {p.dim}")
+    if not _constant(i):
+        raise Unsupported("index of a sharded tensor by computed indices")
+    return Decision(p, {x: p, i: R}, why="index along an unsharded dim")
+
+
+def _constant(x: Node) -> bool:
+    """Is ``x`` a tensor constant of the graph (export lifts ``t[..., [-2], :]``'s list to one)?"""
+    while x.op == "call_function" and x.target in (aten.lift_fresh_copy.default, aten.clone.default):
+        x = x.args[0]
+    return x.op == "get_attr"
