@@ -84,5 +84,5 @@ setup(
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
-    entry_points={"console_scripts": ["autotp = autotp.cli:main"]},
+    entry_points={"console_scripts": ["autotp = autotp.cli:run"]},
 )

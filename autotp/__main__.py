@@ -1,6 +1,4 @@
 """``python -m autotp``: the ``autotp`` command line (``autotp/cli.py``)."""
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

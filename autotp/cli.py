@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-__all__ = ["main", "PRESETS"]
+__all__ = ["main", "run", "PRESETS"]
 
 # name -> (transformers config class, its fields): built from config, no download.
 PRESETS = {
@@ -248,7 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return _run(build_parser().parse_args(argv))
+
+
+def run() -> None:
+    """The console script and ``python -m autotp``: ``main()``, then exit.  After ``plan`` it exits
+    without tearing the interpreter down: freeing a 70B trace's objects one by one costs more
+    than a second, and by then every file is closed and the output flushed."""
+    args = build_parser().parse_args()
+    code = _run(args)
+    if args.command == "plan":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run(args) -> int:
     try:
         from transformers.utils import logging
 
@@ -271,4 +287,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
