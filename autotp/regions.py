@@ -377,6 +377,8 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
             raise RegionsUnsupported("no block was called")
         if any(n.op == "call_module" and n.target != "_guards_fn" for n in glue.graph.nodes):
             raise RegionsUnsupported("the graph calls submodules")
+        if any(_calls_blocks(m) for m in glue.modules() if isinstance(m, GraphModule) and m is not glue):
+            raise RegionsUnsupported("a block is called inside a nested graph (a no_grad or autocast region)")
         exported: dict[str, GraphModule] = {}
         for site in sites:
             call = calls[site.args[1]]
@@ -392,6 +394,8 @@ def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
             if not has_tensor(glue, name):
                 assign(glue, name, tensors[name], kind="buffer" if name in persistent else "non-persistent buffer")
         gm = stitched(glue, {site: (calls[site.args[1]], exported[calls[site.args[1]].key]) for site in sites}, order)
+        if any(_calls_blocks(m) for m in gm.modules() if isinstance(m, GraphModule)):
+            raise RegionsUnsupported("a block call was left in the stitched graph")
         if progress is not None:
             progress(len(sites), len(exported))
         return gm
@@ -406,3 +410,7 @@ def _outside(model: nn.Module, fqns: set[str]):
     for name, m in model.named_modules(remove_duplicate=False):
         if name not in fqns and not any(name.startswith(f + ".") for f in fqns):
             yield m
+
+
+def _calls_blocks(gm: GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target is torch.ops.autotp.block_call.default for n in gm.graph.nodes)

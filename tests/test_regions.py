@@ -324,3 +324,26 @@ def test_blocks_with_side_effects_are_captured_whole(block):
         want = model(x)
     assert seen == {}
     assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_blocks_called_in_a_no_grad_region_are_captured_whole():
+    # (HRM runs some of its cycles under no_grad: export nests them in a subgraph, where a block
+    # call would not be stitched.)
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([_Block(8), _Block(8)])
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = self.blocks[0](x)
+            return self.blocks[1](x)
+
+    model = Net().eval()
+    x = torch.randn(2, 8)
+    seen = {}
+    got = capture(model, (x,), {}, regions=True, progress=lambda n, t: seen.update(blocks=n, traced=t))(x)
+    assert seen == {}
+    assert torch.equal(got, model(x))
