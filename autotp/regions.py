@@ -347,7 +347,8 @@ def capture_regions(model: nn.Module, args: tuple, kwargs: dict, *, export, prog
 
 def _capture(model, blocks, args, kwargs, *, export, progress) -> GraphModule:
     mine = [id(m) for _, block in blocks for m in block.modules()]
-    if len(set(mine)) != len(mine) or any(id(m) in set(mine) for m in _outside(model, {f for f, _ in blocks})):
+    inside = set(mine)
+    if len(inside) != len(mine) or any(id(m) in inside for m in _outside(model, {f for f, _ in blocks})):
         raise RegionsUnsupported("a module is shared between blocks, or between a block and the rest")
     for fqn, block in blocks:
         if "forward" in vars(block):
