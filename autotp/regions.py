@@ -179,9 +179,9 @@ class _Call:
     key: str = ""
     example: tuple = ()  # the tensor inputs as meta tensors (for the block's own export)
     devices: tuple = ()
-    shapes: dict = field(default_factory=dict)  # shared by one capture's calls: a look-alike's output shapes
+    shapes: dict = field(default_factory=dict)  # (a block's own record) shared by one capture: look-alikes' output shapes
     returned: list = field(default_factory=list)  # (shape, stride, dtype) of the outputs given to the trace
-    signature: tuple = ()
+    signature: tuple = ()  # (a block's own record) its cheap signature
     grads: tuple = ()  # which tensor inputs require grad
     hidden: list = field(default_factory=list)  # (module, its parameters, its buffers) while hidden from the trace
     owner: "_Call | None" = None  # the block's own record (one per block; one of these per call of it)
@@ -258,12 +258,12 @@ class _Call:
         with unset_fake_temporarily():
             self.example = tuple(_meta_like(x, g) for x, g in zip(xs, self.grads))
             self.devices = tuple(x.device for x in xs)
-            guess = (self.signature, tuple((tuple(m.shape), tuple(m.stride()), m.dtype, m.requires_grad)
+            owner = self.owner  # (the block's own record: its signature, the capture's shapes, its hiding)
+            guess = (owner.signature, tuple((tuple(m.shape), tuple(m.stride()), m.dtype, m.requires_grad)
                                            for m in self.example),
                      self.devices, repr([c for c in self.consts if c is not _TENSOR]), str(self.spec))
-            seen = self.shapes.get(guess)
+            seen = owner.shapes.get(guess)
             if seen is None:
-                owner = self.owner or self
                 hidden = bool(owner.hidden)
                 owner.show()
                 try:
@@ -271,7 +271,7 @@ class _Call:
                 finally:
                     if hidden:
                         owner.hide()
-                seen = self.shapes[guess] = (self.out_spec, self.out_consts,
+                seen = owner.shapes[guess] = (self.out_spec, self.out_consts,
                                              [(tuple(o.shape), tuple(o.stride()), o.dtype) for o in outs])
             else:
                 self.out_spec, self.out_consts = seen[0], seen[1]
@@ -295,8 +295,7 @@ def _stub(block: _Call, calls: dict):
         with _lock:
             key = _next_key[0]
             _next_key[0] += 1
-            call = calls[key] = _calls[key] = _Call(block.fqn, block.block, block.forward, shapes=block.shapes,
-                                                    signature=block.signature, owner=block)
+            call = calls[key] = _calls[key] = _Call(block.fqn, block.block, block.forward, owner=block)
         leaves, call.spec = pytree.tree_flatten((args, kwargs))
         call.consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
