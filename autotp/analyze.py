@@ -33,7 +33,8 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
-                       output_leaves, output_node, param_of, param_slice, param_view_keeps_zero, tensor_inputs)
+                       mutated_args, output_leaves, output_node, param_of, param_slice, param_view_keeps_zero,
+                       tensor_inputs, write_visible)
 from .explain import explain_whole_weights
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
@@ -163,6 +164,9 @@ def _propagate(ctx: Ctx, gm: GraphModule, tied: set[str]):
                                      f"{type(crash).__name__}: {crash}") from crash
                 raise Unsupported(f"the placement rule for {node.target} failed "
                                   f"({type(crash).__name__}: {crash})") from crash
+            if any(ctx.pl(x) is not None and dec.inputs.get(x, ctx.pl(x)) != ctx.pl(x) and write_visible(x, node)
+                   for x in mutated_args(node)):
+                raise Unsupported("a tensor written in place would be redistributed (the write would land in a copy)")
         except Unsupported as e:
             tins = tensor_inputs(node)
             orig = shard_origins(e.culprits if e.culprits is not None else tins)
@@ -285,6 +289,11 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
                         set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept)
     _record_redistributions(analysis)
+    for r in analysis.redistributions:  # no round could avoid it (a declared input): refuse, never a lost write
+        if r.src in mutated_args(r.consumer) and write_visible(r.src, r.consumer):
+            raise ValueError(f"{r.consumer.format_node()} writes in place into {r.src.name}, which would need a "
+                             f"{r.kind} ({r.frm} -> {r.to}): the write would land in a copy. Declare that input "
+                             f"with the placement the write needs, or keep the model's cache dynamic")
     _merge_copies(analysis)
     explain_whole_weights(analysis)
     out = output_node(gm)

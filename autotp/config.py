@@ -55,6 +55,11 @@ class ShardConfig:
             its graph for the identical ones (``autotp.regions``: identity proven from what each
             block computes, never from names); the graph and the plan are the ones a whole
             capture makes.  Static shapes only; anything it does not cover is captured whole.
+        static_cache: generation also captures a decode step over a preallocated KV cache
+            (``autotp.static_cache``): each rank's heads in buffers of the generation's maximum
+            length, written in place at the position index -- no ``cat`` per token, one graph
+            (one compilation) for every step.  ``generate()`` then uses it by default
+            (``generation_config.cache_implementation = "static"``); a ``DynamicCache`` still works.
 
     Raises:
         ValueError: a field of the wrong type, or options that contradict each other.
@@ -72,6 +77,7 @@ class ShardConfig:
     device: object = None  # str | torch.device | None; kept as given, checked below
     kernels: bool = True
     reuse_blocks: bool = True
+    static_cache: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

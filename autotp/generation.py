@@ -26,197 +26,20 @@ decisions because the logits it sees are the same all-gathered tensor.
 from __future__ import annotations
 
 import copy
-import functools
 import time
 
 import torch
 from torch import nn
-from torch.export import Dim
 
-from .capture import CaptureError, export_graph
 from .config import ShardConfig, resolve_config
 from .patterns import get_attr, output_leaves
 from .pipeline import check_plans_agree, compiled, join_ranks, lower_graph, lowering_context, plan_graph
 from .groups import check_same_inputs
+from .static_cache import capture_static_decode, is_static_cache, static_step
+from .steps import CausalLMStep, Seq2SeqStep, _cache_classes, _export, _flat, _last_logits_only, capture_steps
 
 __all__ = ["shard_for_generation", "plan_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
            "Seq2SeqStep"]
-
-
-def _cache_classes():
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-    return Cache, DynamicCache, DynamicLayer
-
-
-@functools.lru_cache(maxsize=None)
-def _step_layer_class():
-    _, _, DynamicLayer = _cache_classes()
-
-    class StepLayer(DynamicLayer):
-        """A cache layer whose first ``update`` stores the states as they are (no ``cat`` with an
-        empty tensor, which would put a constant in the graph)."""
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.device = key_states.device
-                self.keys, self.values, self.is_initialized = key_states, value_states, True
-                return self.keys, self.values
-            return super().update(key_states, value_states)
-
-    return StepLayer
-
-
-def _num_layers(config) -> int:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    for name in ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"):
-        n = getattr(text, name, None)
-        if isinstance(n, int):
-            return n
-    raise ValueError(f"cannot tell the number of layers of {type(config).__name__}: it has no num_hidden_layers")
-
-
-def _step_cache(num_layers: int, past: tuple):
-    """A ``DynamicCache`` of ``num_layers`` step layers holding ``past`` = (k_0, v_0, k_1, v_1, ...)."""
-    Cache, DynamicCache, _ = _cache_classes()
-    StepLayer = _step_layer_class()
-    layers = [StepLayer() for _ in range(num_layers)]
-    for i, layer in enumerate(layers[: len(past) // 2]):
-        layer.update(past[2 * i], past[2 * i + 1])
-    cache = DynamicCache.__new__(DynamicCache)
-    Cache.__init__(cache, layers=layers)
-    return cache
-
-
-def _flat(cache) -> list:
-    out = []
-    for layer in cache.layers:
-        out += [layer.keys, layer.values]
-    return out
-
-
-class CausalLMStep(nn.Module):
-    """One generation step of a causal LM with the KV cache as tensors (see the module docstring)."""
-
-    def __init__(self, model: nn.Module, num_layers: int, last_logits_only: bool):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
-        self.last_logits_only = last_logits_only
-
-    def forward(self, input_ids, attention_mask, position_ids, past=()):
-        cache = _step_cache(self.num_layers, past)
-        kwargs = {"logits_to_keep": 1} if self.last_logits_only else {}
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
-        logits = out.logits if self.last_logits_only else out.logits[:, -1:]
-        return (logits, *_flat(cache))
-
-
-class Seq2SeqStep(nn.Module):
-    """One decoder step of an encoder-decoder model (T5)::
-
-        (decoder_input_ids, encoder_hidden_states, attention_mask, past=(self k/v..., cross k/v...))
-            -> (last logits, self k'/v'...,  cross k/v... on the first step only)
-
-    The cross-attention keys and values are computed once, on the first step, and
-    passed back in afterwards (Hugging Face's ``is_updated``)."""
-
-    def __init__(self, model: nn.Module, num_layers: int):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
-
-    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, past=()):
-        from transformers.cache_utils import EncoderDecoderCache
-        from transformers.modeling_outputs import BaseModelOutput
-
-        n = self.num_layers
-        cache = EncoderDecoderCache(_step_cache(n, past[: 2 * n]), _step_cache(n, past[2 * n:]))
-        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
-                         attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, cache=cache,
-                         use_cache=True)
-        present = _flat(cache.self_attention_cache)
-        if not past:
-            present += _flat(cache.cross_attention_cache)
-        return (out.logits[:, -1:], *present)
-
-
-class EncoderStep(nn.Module):
-    """An encoder-decoder model's encoder: ``(input_ids, attention_mask) -> last_hidden_state``."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids, attention_mask):
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-
-
-def _export(module, args, dynamic_shapes):
-    inner = module.encoder if isinstance(module, EncoderStep) else module.model
-    return export_graph(module, args, dynamic_shapes=dynamic_shapes,
-                        what=f"the generation step of {type(inner).__name__}",
-                        hint=lambda e: "autotp.shard(model, ..., example_kwargs={'use_cache': False}) shards the "
-                                       "forward without a cache")
-
-
-def _check_present(model, present, n_layers: int, what: str) -> None:
-    if any(v.dim() != 4 for v in present) or len(present) != 2 * n_layers:
-        raise CaptureError(f"{type(model).__name__}: expected {n_layers} layers of [batch, heads, seq, head_dim] "
-                           f"{what} keys and values, got {[tuple(v.shape) for v in present]}")
-
-
-def _zeros_like_cache(present, batch: int, length: int, device) -> tuple:
-    return tuple(torch.zeros(batch, int(v.shape[1]), length, int(v.shape[3]), dtype=v.dtype, device=device)
-                 for v in present)
-
-
-def capture_steps(model: nn.Module, *, example_batch: int = 2, example_prompt: int = 4, example_past: int = 5):
-    """Capture the generation steps of ``model``.
-
-    Returns ``(encoder_gm or None, prefill_gm, decode_gm, num_layers, past_at)`` where
-    ``past_at`` is the flat input position of the first cache tensor in the decode step.
-    """
-    import inspect
-
-    n = _num_layers(model.config)
-    device = next(model.parameters()).device
-    batch, seq, past_len = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=1)
-    ids = torch.zeros(example_batch, example_prompt, dtype=torch.long, device=device)
-    mask = torch.ones(example_batch, example_prompt, dtype=torch.long, device=device)
-    if getattr(model.config, "is_encoder_decoder", False):
-        src = Dim("source", min=1)
-        encoder = _export(EncoderStep(model.get_encoder()), (ids, mask), ({0: batch, 1: src}, {0: batch, 1: src}))
-        hidden = output_leaves(encoder)[0].meta["val"]
-        enc_h = torch.zeros(example_batch, example_prompt, int(hidden.shape[-1]), dtype=hidden.dtype, device=device)
-        step = Seq2SeqStep(model, n)
-        dec_ids = ids[:, :2].clone()
-        specs = ({0: batch, 1: seq}, {0: batch, 1: src}, {0: batch, 1: src})
-        prefill = _export(step, (dec_ids, enc_h, mask), specs)
-        present = [x.meta["val"] for x in output_leaves(prefill)[1:]]
-        _check_present(model, present[: 2 * n], n, "self-attention")
-        _check_present(model, present[2 * n:], n, "cross-attention")
-        past = (_zeros_like_cache(present[: 2 * n], example_batch, example_past, device)
-                + _zeros_like_cache(present[2 * n:], example_batch, example_prompt, device))
-        past_specs = tuple({0: batch, 2: past_len} for _ in range(2 * n)) + tuple({0: batch, 2: src}
-                                                                                  for _ in range(2 * n))
-        decode = _export(step, (dec_ids[:, :1].clone(), enc_h, mask, past), ({0: batch}, *specs[1:], past_specs))
-        return encoder, prefill, decode, n, 3
-    accepts = inspect.signature(model.forward).parameters
-    step = CausalLMStep(model, n, "logits_to_keep" in accepts)
-    pos, pos_spec = None, None
-    if "position_ids" in accepts:  # a tensor of its own: export would alias two inputs that are one tensor
-        pos = torch.arange(example_prompt, device=device).repeat(example_batch, 1)
-        pos_spec = {0: batch, 1: seq}
-    prefill = _export(step, (ids, mask, pos), ({0: batch, 1: seq}, {0: batch, 1: seq}, pos_spec))
-    present = [x.meta["val"] for x in output_leaves(prefill)[1:]]
-    _check_present(model, present, n, "self-attention")
-    past = _zeros_like_cache(present, example_batch, example_past, device)
-    mask = torch.ones(example_batch, example_past + example_prompt, dtype=torch.long, device=device)
-    decode = _export(step, (ids, mask, pos, past),
-                     ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, pos_spec, tuple({0: batch, 2: past_len} for _ in past)))
-    return None, prefill, decode, n, 2 + (pos is not None)
 
 
 class GenerationSteps(nn.Module):
@@ -227,7 +50,7 @@ class GenerationSteps(nn.Module):
     prefill step returns (self-attention keys and values, then cross-attention ones)."""
 
     def __init__(self, encoder, prefill, decode, *, plans: dict, cache_placements: list, num_layers: int,
-                 uses_positions: bool, timings: dict):
+                 uses_positions: bool, timings: dict, static_decode=None):
         super().__init__()
         self.encoder = encoder
         self.prefill = prefill
@@ -240,6 +63,9 @@ class GenerationSteps(nn.Module):
         # what forward calls: the graphs, or their torch.compile wrappers (ShardConfig.compile); plain
         # attributes, so parameter names stay the graphs' own
         object.__setattr__(self, "run", {"encoder": encoder, "prefill": prefill, "decode": decode})
+        if static_decode is not None:
+            self.static_decode = static_decode
+            self.run["static_decode"] = static_decode
 
 
 def _param_names(model: nn.Module, gm) -> dict[str, str]:
@@ -269,6 +95,15 @@ def _plan_steps(model: nn.Module, world_size: int, config: ShardConfig):
     if p_dec.outputs[1:] != cache_pl[: 2 * n]:
         raise AssertionError(f"decode step returns its cache as {p_dec.outputs[1:]} but prefill as {cache_pl[:2 * n]}")
     graphs = {"prefill": (prefill, p_pre), "decode": (decode, p_dec)}
+    if config.static_cache:  # the buffers declared as the prefill returns its cache: each rank its heads
+        if encoder is not None:
+            raise ValueError("static_cache=True is for decoder-only causal LMs; an encoder-decoder model "
+                             f"({type(model).__name__}) generates with the dynamic cache: drop static_cache=True")
+        present = [x.meta["val"] for x in output_leaves(prefill)[1:]]
+        static = capture_static_decode(model, present, past_at == 3, _last_logits_only(model),
+                                       lambda m, a, specs: _export(m, a, specs))
+        graphs["static_decode"] = (static, plan(static, input_placements={past_at + 1 + i: p
+                                                                          for i, p in enumerate(cache_pl)}))
     if encoder is not None:
         graphs["encoder"] = (encoder, plan(encoder))
     return graphs, cache_pl, n, past_at, {"capture_s": t1 - t0, "analyze_s": time.perf_counter() - t1}
@@ -303,9 +138,12 @@ def build_steps(model: nn.Module, ranks, *, config: ShardConfig, load=None):
     timings["lower_s"] = time.perf_counter() - t0  # with the reading of shards on load
     steps = GenerationSteps(lowered.get("encoder"), lowered["prefill"], lowered["decode"],
                             plans={name: p for name, (_, p) in graphs.items()}, cache_placements=cache_pl,
-                            num_layers=n, uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings)
-    for name, gm in lowered.items():
-        steps.run[name] = compiled(gm, config, dynamic=True)  # one compilation for every batch and length
+                            num_layers=n, uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings,
+                            static_decode=lowered.get("static_decode"))
+    for name, gm in lowered.items():  # one compilation for every batch and length; the static decode step's
+        # shapes are the same at every step of a generation: CUDA graphs replay it on a GPU
+        cuda_graphs = name == "static_decode" and any(t.is_cuda for t in gm.parameters())
+        steps.run[name] = compiled(gm, config, dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
     return steps
 
 
@@ -341,6 +179,9 @@ class ShardedForGeneration:
             position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
         self._check_inputs((input_ids, attention_mask, position_ids))
+        if is_static_cache(cache):
+            return CausalLMOutputWithPast(logits=static_step(steps, cache, input_ids, attention_mask, position_ids),
+                                          cache=cache if use_cache else None)
         n = steps.num_layers
         if cache.get_seq_length() == 0:
             out = steps.run["prefill"](input_ids, attention_mask, position_ids)
@@ -348,6 +189,12 @@ class ShardedForGeneration:
             out = steps.run["decode"](input_ids, attention_mask, position_ids, tuple(_flat(cache)[: 2 * n]))
         _store(cache, out[1:], n, DynamicLayer)
         return CausalLMOutputWithPast(logits=out[0], cache=cache if use_cache else None)
+
+    def _valid_auto_compile_criteria(self, *args, **kwargs) -> bool:
+        return False  # generate() must not compile this forward: the steps are compiled (or not) by autotp
+
+    def create_masks_for_generate(self, *, attention_mask=None, **kwargs):
+        return attention_mask  # (a static cache's 4-D mask: the steps take the 2-D one and build their own)
 
     def _check_inputs(self, tensors: tuple) -> None:
         """On the first call, check every rank got the same inputs (see ``ShardConfig.check_inputs``)."""
@@ -467,6 +314,8 @@ def shard_for_generation(model: nn.Module, world_size: int | None = None, *, gro
         if not name.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor)):
             object.__setattr__(shell, name, copy.copy(value) if name == "generation_config" else value)
     shell.config = model.config
+    if config.static_cache:
+        shell.generation_config.cache_implementation = "static"
     shell.autotp_steps = steps
     if steps.encoder is not None:
         shell.autotp_encoder = _ShardedEncoder(steps.encoder, shell, steps.run["encoder"])

@@ -320,3 +320,47 @@ def block_of(node: Node) -> str | None:
         if _LIST_ELEMENT.search(path):
             return path
     return None
+
+
+def mutated_args(node: Node) -> list[Node]:
+    """The graph values ``node`` writes in place (``index_copy_``'s ``self``, ``add_``'s), from its schema."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return []
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            if isinstance(v, Node):
+                out.append(v)
+    return out
+
+
+def _view_base(n: Node) -> Node | None:
+    """The tensor ``n`` is a view of (its op returns an alias of its first argument), else ``None``."""
+    schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+    if schema is None or not schema.returns or schema.returns[0].alias_info is None or not n.args:
+        return None
+    return n.args[0] if isinstance(n.args[0], Node) else None
+
+
+def write_visible(x: Node, writer: Node) -> bool:
+    """Would a write into ``x`` by ``writer`` be seen by anything but ``writer``'s own result?
+
+    Yes when ``x`` is (a view of) a graph input -- the caller sees the write, as a static KV
+    cache's update -- or when ``x``, the tensor it is a view of, or another view of that tensor
+    is read after ``writer``.  A redistribution of such an ``x`` would make the write land in a
+    copy: a wrong answer."""
+    root = x
+    while (base := _view_base(root)) is not None:
+        root = base
+    if root.op == "placeholder":
+        return True
+    order = {n: i for i, n in enumerate(writer.graph.nodes)}
+    aliases, todo = {root}, [root]
+    while todo:  # every view of the written tensor
+        for u in todo.pop().users:
+            if u is not writer and u not in aliases and _view_base(u) in aliases:
+                aliases.add(u)
+                todo.append(u)
+    return any(order[u] > order[writer] for n in aliases for u in n.users if u is not writer and u not in aliases)

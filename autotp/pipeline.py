@@ -137,11 +137,11 @@ def lower_graph(gm: GraphModule, ctx: P.LoweringContext, config: ShardConfig) ->
     return gm
 
 
-def compiled(gm: GraphModule, config: ShardConfig, *, dynamic: bool | None = None) -> nn.Module:
+def compiled(gm: GraphModule, config: ShardConfig, *, dynamic: bool | None = None, mode: str | None = None) -> nn.Module:
     """``gm`` under ``torch.compile(fullgraph=True)`` when ``config.compile``, else ``gm`` itself."""
     if not config.compile:
         return gm
-    return torch.compile(gm, fullgraph=True, dynamic=dynamic)
+    return torch.compile(gm, fullgraph=True, dynamic=dynamic, mode=mode)
 
 
 def plan_model(model: nn.Module, world_size: int, config: ShardConfig, example_inputs: tuple,

@@ -11,8 +11,9 @@ greedy ``generate`` of exactly ``--new`` tokens (``min_new_tokens = max_new_toke
 ``--prompt``-token prompt, at batch 1 and batch 8, ``torch.no_grad()``:
 
 * autotp: ``autotp.shard_for_generation`` (prefill/decode graphs, KV cache sharded by heads), with
-  gloo collectives, and "autotp shm" with ``same_host_collectives=True`` (shared-memory all-reduce
-  and all-gather between the ranks of this host; its own process group, so the two do not mix);
+  gloo collectives, "autotp shm" with ``same_host_collectives=True`` (shared-memory all-reduce
+  and all-gather between the ranks of this host; its own process group, so the two do not mix), and
+  "autotp shm static" adding ``static_cache=True`` (preallocated buffers written in place: ``autotp.static_cache``);
 * HF: ``from_pretrained(path, tp_plan="auto")`` of the same weights saved to a temporary directory;
 * unsharded: every rank runs the whole model at the same time, one thread each (rank 0 reported);
 * half width (``harness.Preset.half_width``): heads, MLP and vocab divided by the world size -- one rank's compute with
@@ -43,7 +44,8 @@ def add_args(p):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--small", action="store_true", help="preset llama-tiny, 8 new tokens, 1 round")
     p.add_argument("--compile", action="store_true",
-                   help="also time 'autotp shm+compile': ShardConfig(compile=True), the steps under torch.compile")
+                   help="also time 'autotp shm static+compile': ShardConfig(static_cache=True, compile=True), the "
+                        "steps under torch.compile")
 
 
 def run(a) -> dict:
@@ -66,9 +68,11 @@ def run(a) -> dict:
     compile_s = time.perf_counter() - t0
     shm_group = dist.new_group(list(range(world)))
     peers["autotp shm"] = autotp.shard_for_generation(ref, world, group=shm_group, same_host_collectives=True)
+    peers["autotp shm static"] = autotp.shard_for_generation(ref, world, group=shm_group, same_host_collectives=True,
+                                                             static_cache=True)
     if a.compile:
-        peers["autotp shm+compile"] = autotp.shard_for_generation(ref, world, group=shm_group,
-                                                                  same_host_collectives=True, compile=True)
+        peers["autotp shm static+compile"] = autotp.shard_for_generation(
+            ref, world, group=shm_group, same_host_collectives=True, static_cache=True, compile=True)
     saved = H.SavedCheckpoint(ref)
     hf_error = None
     try:
@@ -108,8 +112,8 @@ def run(a) -> dict:
              f"prompt {a.prompt}, {a.new} new tokens, greedy, median of {a.rounds} rounds")
     L.append(f"autotp shard_for_generation: {compile_s:.1f} s (capture {peers['autotp'].autotp_steps.timings})")
     if a.compile:
-        L.append(f"first generate calls (warm-up, all batches; the compiled peer compiles here): "
-                 f"autotp shm {warm['autotp shm']:.1f} s, autotp shm+compile {warm['autotp shm+compile']:.1f} s")
+        L.append(f"first generate calls (warm-up, all batches; the compiled peer compiles here): autotp shm static "
+                 f"{warm['autotp shm static']:.1f} s, autotp shm static+compile {warm['autotp shm static+compile']:.1f} s")
     if hf_error:
         L.append(f"HF tp_plan failed: {hf_error}")
     body = [[n] + [f"{tps[(n, b)]:.1f}" for b in inputs] + [str(same[n]) if n != "half width" else "n/a"]

@@ -12,7 +12,10 @@ Rows (PASS / FAIL / SKIP, with the figure each one measured):
    (NCCL refuses two ranks on one GPU);
 4. greedy ``generate`` in bf16 (``shard_for_generation``, world size 1 and 2) vs the unsharded model's tokens;
 5. forward latency and greedy tokens/s of autotp (world size 1) vs the unsharded model, and of the
-   half-width unsharded model: one rank's compute at world size 2, no communication.
+   half-width unsharded model: one rank's compute at world size 2, no communication;
+6. greedy decode tokens/s (batch 1, bf16) at world size 1 and 2: autotp with the dynamic cache, with the static
+   cache (``static_cache=True``), and compiled with CUDA graphs (``compile=True``: ``mode="reduce-overhead"``), vs
+   the unsharded model, each autotp variant's tokens compared with the unsharded model's.
 
 Nothing is downloaded: models are built from configs with random weights.  Exits 1 when a row fails.
 """
@@ -224,6 +227,45 @@ def _exact_judge(tol: float):
     return judge
 
 
+def _decode(rank: int, world: int, device: torch.device, sizes: dict, iters: int, compile_peer: bool) -> dict:
+    """Greedy decode tokens/s (batch 1, bf16) of autotp -- dynamic cache eager, static cache eager,
+    static cache compiled (CUDA graphs: ``mode="reduce-overhead"``) -- vs the unsharded model; each
+    autotp variant's tokens compared with the unsharded model's."""
+    import autotp
+
+    new = 32
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    ids = torch.randint(3, sizes["vocab"], (1, 16), generator=torch.Generator().manual_seed(4)).to(device)
+    ref = _llama(**sizes, dtype=torch.bfloat16).to(device)
+    peers = {"unsharded": ref,
+             "autotp dynamic": autotp.shard_for_generation(_llama(**sizes, dtype=torch.bfloat16), world, device=device),
+             "autotp static": autotp.shard_for_generation(_llama(**sizes, dtype=torch.bfloat16), world, device=device,
+                                                          static_cache=True)}
+    t0 = time.perf_counter()
+    if compile_peer:
+        peers["autotp static+compile"] = autotp.shard_for_generation(_llama(**sizes, dtype=torch.bfloat16), world,
+                                                                     device=device, static_cache=True, compile=True)
+    rows = {}
+    with torch.no_grad():
+        want = ref.generate(ids, **kw)
+        for name, lm in peers.items():
+            t = time.perf_counter()
+            got = lm.generate(ids, **kw)  # warm-up: the compiled peer compiles and records here
+            first = time.perf_counter() - t
+            times = []
+            for _ in range(iters):
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                t = time.perf_counter()
+                lm.generate(ids, **kw)
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+                times.append(time.perf_counter() - t)
+            rows[name] = {"tokens_per_s": new / statistics.median(times), "equal": bool(torch.equal(got, want)),
+                          "first_call_s": first}
+    if compile_peer:
+        rows["autotp static+compile"]["setup_s"] = time.perf_counter() - t0
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -284,6 +326,21 @@ def main(argv=None) -> int:
 
     table.run("speed bf16, world 1 (batch 4x128 forward; batch 1 greedy)", lambda: _ranks(
         _speed, 1, "nccl" if gpu else "gloo", dev, sizes, iters), speed_judge)
+
+    def decode_judge(rs):
+        rows = rs[0]
+        base = rows["unsharded"]["tokens_per_s"]
+        parts = [f"{k}: {v['tokens_per_s']:.0f} tok/s ({v['tokens_per_s'] / base:.2f}x)" for k, v in rows.items()]
+        first = rows.get("autotp static+compile", {}).get("first_call_s")
+        return (all(v["equal"] for r in rs for v in r.values()),
+                "; ".join(parts) + (f"; compiled first call {first:.0f} s" if first else "") + "; tokens equal: "
+                f"{[all(v['equal'] for v in r.values()) for r in rs]}")
+
+    for world in (1, 2):
+        table.run(f"decode bf16 batch 1, world {world}: eager dynamic / static / compiled (CUDA graphs)",
+                  lambda w=world: _ranks(_decode, w, "nccl" if gpu and w == 1 else "gloo", dev, sizes, iters,
+                                         gpu or not args.quick),  # (CPU --quick: no Inductor compile, CI's time)
+                  decode_judge)
     table.print()
     if args.json:
         with open(args.json, "w") as f:

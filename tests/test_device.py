@@ -212,5 +212,6 @@ def test_gpu_check_script_runs_on_cpu_ranks():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| check" not in line]
-    # cuda tests (skipped here), kernels built, kernel micro-benchmarks, 2 x exactness, 2 x generate, speed
-    assert len(rows) == 8 and "| SKIP" in rows[0] and all("| PASS" in r for r in rows[1:]), proc.stdout[-3000:]
+    # cuda tests (skipped here), kernels built, kernel micro-benchmarks, 2 x exactness, 2 x generate, speed,
+    # 2 x decode (dynamic and static cache, tokens compared)
+    assert len(rows) == 10 and "| SKIP" in rows[0] and all("| PASS" in r for r in rows[1:]), proc.stdout[-3000:]

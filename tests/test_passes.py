@@ -220,7 +220,7 @@ def test_generation_steps_keep_the_cache_sharded_by_heads():
     Shard(1)); nothing gathers them, and the step's plan is 2 all-reduces per layer + 1."""
     import transformers
 
-    from autotp.generation import capture_steps
+    from autotp.steps import capture_steps
     from autotp.pipeline import plan_graph
 
     torch.manual_seed(0)

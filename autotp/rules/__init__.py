@@ -32,7 +32,7 @@ from .compute import (CONVOLUTIONS, REDUCTIONS, SCANS, rule_conv, rule_cross_ent
                       rule_linear, rule_matmul, rule_baddbmm, rule_grouped_mm, rule_native_dropout, rule_reduce, rule_reduction, rule_scan,
                       rule_sdpa, rule_softmax, rule_sym_size)
 from .views import (_dim_map_rule, _permute_dim, _squeeze_dim, _t_dim, _transpose_dim, _unsqueeze_dim,
-                    reshape_shard, rule_cat, rule_expand, rule_flatten, rule_getitem, rule_index, rule_select,
+                    reshape_shard, rule_cat, rule_expand, rule_flatten, rule_getitem, rule_index, rule_index_copy, rule_select,
                     rule_slice, rule_split, rule_stack, rule_unbind, rule_view, rule_view_as)
 
 __all__ = ["Ctx", "Decision", "Unsupported", "RULES", "POINTWISE", "PARTIAL_LINEAR", "rule_for", "reshape_shard"]
@@ -58,6 +58,7 @@ RULES: dict[Any, Callable[[Ctx, Node], Decision]] = {op: rule_pointwise for op i
 RULES.update({
     aten.view: rule_view, aten.reshape: rule_view, aten._unsafe_view: rule_view, aten.flatten: rule_flatten,
     aten.expand: rule_expand, aten.broadcast_to: rule_expand, aten.index: rule_index,
+    aten.index_copy: rule_index_copy, aten.index_copy_: rule_index_copy,
     aten.transpose: _dim_map_rule(_transpose_dim),
     aten.permute: _dim_map_rule(_permute_dim),
     aten.t: _dim_map_rule(_t_dim), aten.numpy_T: _dim_map_rule(_t_dim),

@@ -317,3 +317,25 @@ def _constant(x: Node) -> bool:
     while x.op == "call_function" and x.target in (aten.lift_fresh_copy.default, aten.clone.default):
         x = x.args[0]
     return x.op == "get_attr"
+
+
+def rule_index_copy(ctx: Ctx, node: Node) -> Decision:
+    """index_copy(_)(x, dim, index, source) -- rows of ``source`` written into ``x`` at ``index`` along
+    ``dim`` (a static KV cache's write at the position index).  Along an unsharded dim every rank writes
+    its own slice of the rows: ``x`` and ``source`` share the shard, and ``x`` is never redistributed
+    (written in place, it must stay the tensor it is)."""
+    x, dim, index, source = node.args[:4]
+    px, ps = ctx.pl(x), ctx.pl(source)
+    if isinstance(ctx.pl(index), (Shard, list)):
+        raise Unsupported("index_copy with a sharded index", culprits=[index])
+    if isinstance(px, Partial):
+        raise Unsupported("index_copy into a partial sum", culprits=[x])
+    if not isinstance(px, Shard):
+        if isinstance(ps, Shard):
+            raise Unsupported("index_copy of a sharded source into a replicated tensor", culprits=[source])
+        return Decision(R, {x: R, index: R, source: R}, why="replicated")
+    if _norm(dim, len(ctx.shape(x))) == px.dim:
+        raise Unsupported(f"index_copy along the sharded dim {px.dim}", culprits=[x])
+    if isinstance(ps, Shard) and ps != px:
+        raise Unsupported(f"index_copy of a source sharded as {ps} into one sharded as {px}", culprits=[source])
+    return Decision(px, {x: px, index: R, source: px}, why="index_copy along an unsharded dim: each rank its slice")
