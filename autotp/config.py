@@ -38,9 +38,11 @@ class ShardConfig:
             (torch's default is 30 minutes; a rank that *dies* is noticed at once by gloo).
             On NCCL ranks the process group's timeout always applies.
         compile: ``torch.compile`` the lowered graphs (whole: the collectives are traceable ops,
-            ``autotp/traceable.py``) -- ``shard``'s module, and the generation steps of
+            ``autotp/traceable.py``) -- ``shard``'s module, and the decode steps of
             ``shard_for_generation`` / ``from_pretrained`` / ``parallelize``, dynamic in batch
-            and length.  The first calls pay the compilation (reported in ``timings``).
+            and length (the prefill, once per ``generate``, stays eager); with ``static_cache`` on
+            a GPU, with CUDA graphs (``mode="reduce-overhead"``).  The first call at each shape
+            pays the compilation (``timings["compile_s"]``).
         device: the device this rank runs on (``"cuda:1"``, ``torch.device("cuda", 1)``, ``"cpu"``).
             ``None``: ``cuda:{torch.cuda.current_device()}`` on NCCL ranks (torchrun's
             ``LOCAL_RANK``, set when autotp initialises the group), else where the model's

@@ -35,7 +35,7 @@ from .config import ShardConfig, resolve_config
 from .patterns import get_attr, output_leaves
 from .pipeline import check_plans_agree, compiled, join_ranks, lower_graph, lowering_context, plan_graph
 from .groups import check_same_inputs
-from .static_cache import capture_static_decode, is_static_cache, static_step
+from .static_cache import capture_static_decode, is_static_cache, static_seq2seq_step, static_step
 from .steps import CausalLMStep, Seq2SeqStep, _cache_classes, _export, _flat, _last_logits_only, capture_steps
 
 __all__ = ["shard_for_generation", "plan_generation", "ShardedForGeneration", "ShardedSeq2SeqForGeneration", "CausalLMStep",
@@ -96,12 +96,11 @@ def _plan_steps(model: nn.Module, world_size: int, config: ShardConfig):
         raise AssertionError(f"decode step returns its cache as {p_dec.outputs[1:]} but prefill as {cache_pl[:2 * n]}")
     graphs = {"prefill": (prefill, p_pre), "decode": (decode, p_dec)}
     if config.static_cache:  # the buffers declared as the prefill returns its cache: each rank its heads
-        if encoder is not None:
-            raise ValueError("static_cache=True is for decoder-only causal LMs; an encoder-decoder model "
-                             f"({type(model).__name__}) generates with the dynamic cache: drop static_cache=True")
         present = [x.meta["val"] for x in output_leaves(prefill)[1:]]
-        static = capture_static_decode(model, present, past_at == 3, _last_logits_only(model),
-                                       lambda m, a, specs: _export(m, a, specs))
+        hidden = [x.meta["val"] for x in prefill.graph.nodes if x.op == "placeholder"][1]
+        static = capture_static_decode(model, present, past_at == 3 and encoder is None, _last_logits_only(model),
+                                       lambda m, a, specs: _export(m, a, specs),
+                                       encoder_decoder=(n, hidden) if encoder is not None else None)
         graphs["static_decode"] = (static, plan(static, input_placements={past_at + 1 + i: p
                                                                           for i, p in enumerate(cache_pl)}))
     if encoder is not None:
@@ -140,11 +139,34 @@ def build_steps(model: nn.Module, ranks, *, config: ShardConfig, load=None):
                             plans={name: p for name, (_, p) in graphs.items()}, cache_placements=cache_pl,
                             num_layers=n, uses_positions=past_at == 3 and "encoder" not in graphs, timings=timings,
                             static_decode=lowered.get("static_decode"))
-    for name, gm in lowered.items():  # one compilation for every batch and length; the static decode step's
-        # shapes are the same at every step of a generation: CUDA graphs replay it on a GPU
-        cuda_graphs = name == "static_decode" and any(t.is_cuda for t in gm.parameters())
-        steps.run[name] = compiled(gm, config, dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
+    for name, gm in lowered.items():
+        if config.compile and name in ("decode", "static_decode"):  # (see _CompiledStep)
+            # the static decode step's shapes are the same at every step of a generation: CUDA graphs replay it
+            cuda_graphs = name == "static_decode" and any(t.is_cuda for t in gm.parameters())
+            steps.run[name] = _CompiledStep(compiled(gm, config, dynamic=True,
+                                                     mode="reduce-overhead" if cuda_graphs else None), name, timings)
     return steps
+
+
+class _CompiledStep:
+    """A decode step under ``torch.compile``, the first call at each new input shape timed into
+    ``timings["compile_s"]`` (``{"decode@[3, 1]": seconds}``: mostly compilation).  Only the decode
+    steps are compiled: they run once per token, while the prefill (and an encoder) run once per
+    ``generate`` and would cost as much compilation as the decode step for little gain."""
+
+    def __init__(self, inner, name: str, timings: dict):
+        self.inner, self.name, self.seen = inner, name, set()
+        self.compile_s = timings.setdefault("compile_s", {})
+
+    def __call__(self, *args):
+        key = tuple(args[0].shape)
+        if key in self.seen:
+            return self.inner(*args)
+        t0 = time.perf_counter()
+        out = self.inner(*args)
+        self.seen.add(key)
+        self.compile_s[f"{self.name}@{list(key)}"] = time.perf_counter() - t0
+        return out
 
 
 class ShardedForGeneration:
@@ -249,16 +271,26 @@ class ShardedSeq2SeqForGeneration(ShardedForGeneration):
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         self._check_inputs((decoder_input_ids, hidden, attention_mask))
         steps, n = self.autotp_steps, self.autotp_steps.num_layers
+        if is_static_cache(cache.self_attention_cache):
+            logits = static_seq2seq_step(steps, cache, decoder_input_ids, hidden, attention_mask, _store_cross)
+            return Seq2SeqLMOutput(logits=logits, cache=cache if use_cache else None, encoder_last_hidden_state=hidden)
         if cache.self_attention_cache.get_seq_length() == 0:
             out = steps.run["prefill"](decoder_input_ids, hidden, attention_mask)
-            _store(cache.cross_attention_cache, out[1 + 2 * n:], n, DynamicLayer)
-            for i in range(n):
-                cache.is_updated[i] = True
+            _store_cross(cache, out[1 + 2 * n:])
         else:
             past = _flat(cache.self_attention_cache)[: 2 * n] + _flat(cache.cross_attention_cache)[: 2 * n]
             out = steps.run["decode"](decoder_input_ids, hidden, attention_mask, tuple(past))
         _store(cache.self_attention_cache, out[1: 1 + 2 * n], n, DynamicLayer)
         return Seq2SeqLMOutput(logits=out[0], cache=cache if use_cache else None, encoder_last_hidden_state=hidden)
+
+
+def _store_cross(cache, present) -> None:
+    """The prefill's cross-attention keys and values, kept for every later step (``is_updated``)."""
+    _, _, DynamicLayer = _cache_classes()
+    n = len(present) // 2
+    _store(cache.cross_attention_cache, present, n, DynamicLayer)
+    for i in range(n):
+        cache.is_updated[i] = True
 
 
 def _reject_unsupported(kwargs: dict) -> None:

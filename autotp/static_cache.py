@@ -31,7 +31,8 @@ from torch import nn
 from torch.export import Dim
 
 
-__all__ = ["StaticCausalLMStep", "capture_static_decode", "is_static_cache", "static_step"]
+__all__ = ["StaticCausalLMStep", "StaticSeq2SeqStep", "capture_static_decode", "is_static_cache", "static_step",
+           "static_seq2seq_step"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,18 +83,62 @@ class StaticCausalLMStep(nn.Module):
         return (out.logits if self.last_logits_only else out.logits[:, -1:],)
 
 
-def capture_static_decode(model: nn.Module, present: list, uses_positions: bool, last_logits_only: bool, export):
+class StaticSeq2SeqStep(nn.Module):
+    """One decoder step of an encoder-decoder model (T5) over static self-attention buffers::
+
+        (decoder_input_ids, encoder_hidden_states, attention_mask, offset, past=(self k/v buffers..., cross k/v...))
+            -> (last logits,)
+
+    The cross-attention keys and values are the prefill's, passed in unchanged."""
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, offset, past):
+        from transformers.cache_utils import EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        from .steps import _step_cache
+
+        n = self.num_layers
+        cache = EncoderDecoderCache(_static_cache(past[: 2 * n], offset), _step_cache(n, past[2 * n:]))
+        for i in range(n):
+            cache.is_updated[i] = True  # cross-attention: reuse the given keys and values
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+                         attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, cache=cache,
+                         use_cache=True)
+        return (out.logits[:, -1:],)
+
+
+def capture_static_decode(model: nn.Module, present: list, uses_positions: bool, last_logits_only: bool, export,
+                          encoder_decoder: tuple | None = None):
     """Capture ``model``'s static decode step; ``present``: the prefill's cache values (their
-    heads and head sizes).  Dynamic in batch, new tokens and cache length."""
+    heads and head sizes; an encoder-decoder's self-attention ones, then its cross-attention
+    ones).  ``encoder_decoder``: ``(num_layers, encoder hidden states example)`` for T5.
+    Dynamic in batch, new tokens and cache (and source) length."""
     device = present[0].device
-    batch, new, length = 2, 2, 8  # (2 new tokens: a dim of example size 1 would be specialised)
+    batch, new, length, source = 2, 2, 8, 5  # (2 new tokens: a dim of example size 1 would be specialised)
     batch_d, new_d, length_d = Dim("batch", min=1), Dim("new", min=1), Dim("cache_len", min=2)
     ids = torch.zeros(batch, new, dtype=torch.long, device=device)
+    offset = torch.tensor(3, device=device)
+
+    def zeros(v, n):
+        return torch.zeros(batch, int(v.shape[1]), n, int(v.shape[3]), dtype=v.dtype, device=device)
+
+    if encoder_decoder is not None:
+        (n, example), source_d = encoder_decoder, Dim("source", min=2)
+        hidden = torch.zeros(batch, source, int(example.shape[-1]), device=device, dtype=example.dtype)
+        mask = torch.ones(batch, source, dtype=torch.long, device=device)
+        past = tuple(zeros(v, length) for v in present[: 2 * n]) + tuple(zeros(v, source) for v in present[2 * n:])
+        specs = ({0: batch_d, 1: new_d}, {0: batch_d, 1: source_d}, {0: batch_d, 1: source_d}, None,
+                 tuple({0: batch_d, 2: length_d} for _ in range(2 * n)) + tuple({0: batch_d, 2: source_d}
+                                                                               for _ in range(2 * n)))
+        return export(StaticSeq2SeqStep(model, n), (ids, hidden, mask, offset, past), specs)
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
     pos = torch.arange(3, 3 + new, device=device).repeat(batch, 1) if uses_positions else None
-    offset = torch.tensor(3, device=device)
-    past = tuple(torch.zeros(batch, int(v.shape[1]), length, int(v.shape[3]), dtype=v.dtype, device=device)
-                 for v in present)
+    past = tuple(zeros(v, length) for v in present)
     specs = ({0: batch_d, 1: new_d}, {0: batch_d, 1: length_d}, {0: batch_d, 1: new_d} if uses_positions else None,
              None, tuple({0: batch_d, 2: length_d} for _ in past))
     return export(StaticCausalLMStep(model, last_logits_only), (ids, mask, pos, offset, past), specs)
@@ -117,47 +162,82 @@ def _check_layers(cache, n: int) -> None:
                          f"the dynamic cache (generate without cache_implementation='static')")
 
 
+def _require_static_decode(steps) -> None:
+    if "static_decode" not in steps.run:
+        raise ValueError("this model was sharded without a static decode step; pass static_cache=True to "
+                         "shard_for_generation / from_pretrained / parallelize, or generate with the dynamic cache")
+
+
+def _fill(layers, present) -> None:
+    """The prefill's keys and values copied into new buffers of each layer's ``max_cache_len``."""
+    length = layers[0].max_cache_len
+    if present[0].shape[2] > length:
+        raise ValueError(f"the prompt ({present[0].shape[2]} tokens) is longer than the static cache "
+                         f"({length} positions); raise max_cache_len (generate's max_length)")
+    offset = torch.tensor(present[0].shape[2], device=present[0].device)
+    for layer, k, v in zip(layers, present[0::2], present[1::2]):
+        layer.keys = k.new_zeros(k.shape[0], k.shape[1], length, k.shape[3])
+        layer.values = v.new_zeros(v.shape[0], v.shape[1], length, v.shape[3])
+        layer.keys[:, :, : k.shape[2]] = k
+        layer.values[:, :, : v.shape[2]] = v
+        layer.batch_size, layer.num_heads = k.shape[:2]
+        layer.k_head_dim, layer.v_head_dim = k.shape[3], v.shape[3]
+        layer.device, layer.is_initialized = k.device, True
+        if k.is_cuda:  # fixed addresses: compiled with CUDA graphs, the step replays instead of re-recording
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+        layer.cumulative_length = offset  # one counter for every layer, advanced once per step
+
+
+def _buffers(layers, new: int) -> tuple:
+    """``(offset, length, (k_0, v_0, ...))`` for a decode step writing ``new`` tokens."""
+    offset, length = layers[0].cumulative_length, layers[0].max_cache_len
+    if int(offset) + new > length:
+        raise ValueError(f"the static cache is full: {int(offset)} cached + {new} new tokens > its {length} "
+                         f"positions; raise max_cache_len (generate's max_length)")
+    past = []
+    for layer in layers:
+        past += [layer.keys, layer.values]
+    return offset, length, tuple(past)
+
+
 def static_step(steps, cache, input_ids, attention_mask, position_ids):
     """Run one step of a generation whose ``cache`` is a ``StaticCache``: the prefill graph on
     the first step (its keys and values copied into new local buffers), else ``static_decode``.
     Returns the last position's logits."""
     n = steps.num_layers
     _check_layers(cache, n)
+    _require_static_decode(steps)
     layers = cache.layers[:n]
-    if "static_decode" not in steps.run:
-        raise ValueError("this model was sharded without a static decode step; pass static_cache=True to "
-                         "shard_for_generation / from_pretrained / parallelize, or generate with the dynamic cache")
     if not layers[0].is_initialized:
         logits, *present = steps.run["prefill"](input_ids, attention_mask, position_ids)
-        length = layers[0].max_cache_len
-        if present[0].shape[2] > length:
-            raise ValueError(f"the prompt ({present[0].shape[2]} tokens) is longer than the static cache "
-                             f"({length} positions); raise max_cache_len (generate's max_length)")
-        offset = torch.tensor(present[0].shape[2], device=present[0].device)
-        for layer, k, v in zip(layers, present[0::2], present[1::2]):
-            layer.keys = k.new_zeros(k.shape[0], k.shape[1], length, k.shape[3])
-            layer.values = v.new_zeros(v.shape[0], v.shape[1], length, v.shape[3])
-            layer.keys[:, :, : k.shape[2]] = k
-            layer.values[:, :, : v.shape[2]] = v
-            layer.batch_size, layer.num_heads = k.shape[:2]
-            layer.k_head_dim, layer.v_head_dim = k.shape[3], v.shape[3]
-            layer.device, layer.is_initialized = k.device, True
-            if k.is_cuda:  # fixed addresses: compiled with CUDA graphs, the step replays instead of re-recording
-                torch._dynamo.mark_static_address(layer.keys)
-                torch._dynamo.mark_static_address(layer.values)
-            layer.cumulative_length = offset  # one counter for every layer, advanced once per step
+        _fill(layers, present)
         return logits
-    offset = layers[0].cumulative_length
-    length = layers[0].max_cache_len
-    new = input_ids.shape[1]
-    if int(offset) + new > length:
-        raise ValueError(f"the static cache is full: {int(offset)} cached + {new} new tokens > its {length} "
-                         f"positions; raise max_cache_len (generate's max_length)")
+    offset, length, past = _buffers(layers, input_ids.shape[1])
     if attention_mask.shape[1] < length:  # the mask covers the whole buffer: positions not written yet hidden
         attention_mask = torch.nn.functional.pad(attention_mask, (0, length - attention_mask.shape[1]))
-    past = []
-    for layer in layers:
-        past += [layer.keys, layer.values]
-    (logits,) = steps.run["static_decode"](input_ids, attention_mask, position_ids, offset, tuple(past))
-    offset.add_(new)
+    (logits,) = steps.run["static_decode"](input_ids, attention_mask, position_ids, offset, past)
+    offset.add_(input_ids.shape[1])
+    return logits
+
+
+def static_seq2seq_step(steps, cache, decoder_input_ids, hidden, attention_mask, store_cross):
+    """``static_step`` for an encoder-decoder model: ``cache`` an ``EncoderDecoderCache`` whose
+    self-attention cache is static; the cross-attention keys and values are the prefill's
+    (``store_cross(cache, present)`` puts them in its cross-attention cache)."""
+    n = steps.num_layers
+    _check_layers(cache.self_attention_cache, n)
+    _require_static_decode(steps)
+    layers = cache.self_attention_cache.layers[:n]
+    if not layers[0].is_initialized:
+        logits, *present = steps.run["prefill"](decoder_input_ids, hidden, attention_mask)
+        _fill(layers, present[: 2 * n])
+        store_cross(cache, present[2 * n:])
+        return logits
+    offset, _, past = _buffers(layers, decoder_input_ids.shape[1])
+    cross = []
+    for layer in cache.cross_attention_cache.layers[:n]:
+        cross += [layer.keys, layer.values]
+    (logits,) = steps.run["static_decode"](decoder_input_ids, hidden, attention_mask, offset, past + tuple(cross))
+    offset.add_(decoder_input_ids.shape[1])
     return logits

@@ -51,7 +51,7 @@ SUBCOMMANDS = {  # name -> module of bench/
     "generate": "bench_generate",
     "load": "bench_load",
     "gather": "bench_gather",
-    "kernels": "kernels",
+    "kernels": "kernel_micro",
 }
 
 RANK = 0

@@ -52,7 +52,7 @@ def test_gather_matches_all_gather_and_cat(tmp_path):
 def test_kernels_runs_what_is_registered(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import kernels
+        import kernel_micro as kernels
     finally:
         sys.path.remove(str(ROOT / "bench"))
     doc, text = _harness(tmp_path, "kernels", "--rounds", "2", "--small")

@@ -195,8 +195,9 @@ def test_a_compiled_first_call_still_checks_the_ranks_inputs():
 
 
 def _compiled_generation(rank: int, world: int) -> dict:
-    """``shard_for_generation(..., compile=True)``: the prefill and decode steps compiled (dynamic in
-    batch and cache length), token for token the unsharded model's -- greedy and beam search."""
+    """``shard_for_generation(..., compile=True)``: the decode step compiled (dynamic in batch and cache
+    length; the prefill runs eager), token for token the unsharded model's -- greedy and beam search;
+    its first call at each shape timed in ``timings["compile_s"]``."""
     import autotp
 
     torch.manual_seed(0)
@@ -211,10 +212,13 @@ def _compiled_generation(rank: int, world: int) -> dict:
     for mode, kw in {"greedy": dict(do_sample=False), "beam": dict(num_beams=4, do_sample=False)}.items():
         kw = dict(kw, input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
         out[mode] = bool(torch.equal(lm.generate(**kw), ref.generate(**kw)))
-    out["compiled"] = type(lm.autotp_steps.run["decode"]).__name__
+    out["compiled"] = type(lm.autotp_steps.run["decode"].inner).__name__
+    out["prefill eager"] = lm.autotp_steps.run["prefill"] is lm.autotp_steps.prefill
+    out["timed"] = sorted(lm.autotp_steps.timings["compile_s"])
     return out
 
 
 def test_compiled_generation_steps_are_token_exact():
     for r in run_ranks_once(_compiled_generation, 2):
-        assert r == {"greedy": True, "beam": True, "compiled": "OptimizedModule"}, r
+        assert r == {"greedy": True, "beam": True, "compiled": "OptimizedModule", "prefill eager": True,
+                     "timed": ["decode@[12, 1]", "decode@[3, 1]"]}, r  # greedy's 3 rows, beam search's 3 x 4

@@ -13,9 +13,11 @@ import torch
 
 from distributed import run_ranks
 from model_cases import CASES
+from test_arch_classes import _build as _arch_build
 from test_generation import MODES, _generate, _prompts
 
 BUILDERS = {c.name: c.build for c in CASES}
+BUILDERS["falcon_multi_query"] = lambda: _arch_build("multi_query")  # one KV head: computed whole on every rank
 
 
 def _comm_counts(comm) -> dict:
@@ -43,34 +45,52 @@ def _case(rank, world, name, modes, compile_steps):
     if compile_steps:  # (CommDebugMode is a dispatch mode: torch.compile refuses to trace under it)
         return out, None, None, None, None, ref.config
     # one prefill and one static decode step by hand: the buffers, and the decode step's collectives
-    cache = StaticCache(config=tp.config, max_cache_len=16)
     with torch.no_grad():
-        tp(input_ids=ids, attention_mask=mask, cache=cache)
-        buffers = tuple(cache.layers[0].keys.shape)
-        offset = int(cache.layers[0].cumulative_length)
-        with CommDebugMode() as comm:
-            tp(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1), cache=cache)
-    after = int(cache.layers[0].cumulative_length)
+        if ref.config.is_encoder_decoder:
+            from transformers.cache_utils import EncoderDecoderCache
+
+            enc = tp.get_encoder()(input_ids=ids, attention_mask=mask)
+            cache = EncoderDecoderCache(StaticCache(config=tp.config, max_cache_len=16),
+                                        StaticCache(config=tp.config, max_cache_len=ids.shape[1]))
+            start = torch.zeros(3, 1, dtype=torch.long)
+            tp(decoder_input_ids=start, encoder_outputs=enc, attention_mask=mask, cache=cache)
+            layer = cache.self_attention_cache.layers[0]
+            buffers, offset = tuple(layer.keys.shape), int(layer.cumulative_length)
+            with CommDebugMode() as comm:
+                tp(decoder_input_ids=start, encoder_outputs=enc, attention_mask=mask, cache=cache)
+        else:
+            cache = StaticCache(config=tp.config, max_cache_len=16)
+            tp(input_ids=ids, attention_mask=mask, cache=cache)
+            layer = cache.layers[0]
+            buffers, offset = tuple(layer.keys.shape), int(layer.cumulative_length)
+            with CommDebugMode() as comm:
+                tp(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1] * 0 + 1], 1), cache=cache)
+    after = int(layer.cumulative_length)
     plan = tp.autotp_steps.plans["static_decode"]
     return out, buffers, (offset, after), _comm_counts(comm), plan.counts("forward"), ref.config
 
 
-STATIC_CASES = [("M3_llama_untied", 2), ("M3_llama_untied", 4), ("M2_gpt2", 2), ("M9_uneven_gpt2", 2)]
+# (case, world size, all-reduces of one decode step: 2 per layer -- 3 per T5 decoder layer, with its
+# cross-attention -- + 1 for the vocab-parallel embedding)
+STATIC_CASES = [("M3_llama_untied", 2, 5), ("M3_llama_untied", 4, 5), ("M2_gpt2", 2, 5), ("M9_uneven_gpt2", 2, 5),
+                ("M8_t5", 2, 7), ("falcon_multi_query", 2, 3)]  # (Falcon's parallel block: 1 per layer)
 
 
-@pytest.mark.parametrize("name,world", STATIC_CASES, ids=[f"{n}-tp{w}" for n, w in STATIC_CASES])
-def test_static_cache_generate_matches_unsharded(name, world):
+@pytest.mark.parametrize("name,world,step_all_reduce", STATIC_CASES, ids=[f"{n}-tp{w}" for n, w, _ in STATIC_CASES])
+def test_static_cache_generate_matches_unsharded(name, world, step_all_reduce):
     results = run_ranks(_case, world, name, list(MODES), False)
     for rank, (out, buffers, (offset, after), counts, plan_counts, config) in enumerate(results):
         for mode, (want, got) in out.items():
             assert torch.equal(want, got), f"rank {rank} {name} {mode}:\nwant {want}\ngot  {got}"
-        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = config.hidden_size // config.num_attention_heads
+        if config.is_encoder_decoder:  # T5: the decoder start token is the prefill
+            kv, head_dim, prefill = config.num_heads, config.d_kv, 1
+        else:
+            kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim, prefill = config.hidden_size // config.num_attention_heads, 9
         heads = kv // world if kv % world == 0 else kv  # fewer KV heads than ranks: whole on every rank
         assert buffers == (3, heads, 16, head_dim), buffers
-        assert (offset, after) == (9, 10)  # the prompt, then one token written in place
-        # 2 all-reduces per layer + the vocab-parallel embedding's; the logits gather
-        assert counts.get("all_reduce", 0) == plan_counts.get("all_reduce") == 5, (counts, plan_counts)
+        assert (offset, after) == (prefill, prefill + 1)  # the prompt, then one token written in place
+        assert counts.get("all_reduce", 0) == plan_counts.get("all_reduce") == step_all_reduce, (counts, plan_counts)
         assert counts.get("all_gather", 0) == plan_counts.get("all_gather") == 1, (counts, plan_counts)
     for mode in MODES:
         assert all(torch.equal(r[0][mode][1], results[0][0][mode][1]) for r in results)

@@ -172,7 +172,7 @@ def report(a, results) -> str:
          + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in r["extensions"].items())]
     if not r["rows"]:
         what = "none registered" if not r["registered"] else f"none matched --only {a.only!r}"
-        L.append(f"  no kernel micro-benchmarks to run ({what}): add entries to MICROBENCHMARKS in bench/kernels.py")
+        L.append(f"  no kernel micro-benchmarks to run ({what}): add entries to MICROBENCHMARKS in bench/kernel_micro.py")
         L.append("=" * 100)
         return "\n".join(L)
     body = []
