@@ -15,7 +15,8 @@ Rows (PASS / FAIL / SKIP, with the figure each one measured):
    half-width unsharded model: one rank's compute at world size 2, no communication;
 6. greedy decode tokens/s (batch 1, bf16) at world size 1 and 2: autotp with the dynamic cache, with the static
    cache (``static_cache=True``), and compiled with CUDA graphs (``compile=True``: ``mode="reduce-overhead"``), vs
-   the unsharded model, each autotp variant's tokens compared with the unsharded model's.
+   the unsharded model, each autotp variant's tokens compared with the unsharded model's (at least the first 8 of
+   32 equal: bf16 partial sums added in another order may flip a near-tie later).
 
 Nothing is downloaded: models are built from configs with random weights.  Exits 1 when a row fails.
 """
@@ -229,8 +230,8 @@ def _exact_judge(tol: float):
 
 def _decode(rank: int, world: int, device: torch.device, sizes: dict, iters: int, compile_peer: bool) -> dict:
     """Greedy decode tokens/s (batch 1, bf16) of autotp -- dynamic cache eager, static cache eager,
-    static cache compiled (CUDA graphs: ``mode="reduce-overhead"``) -- vs the unsharded model; each
-    autotp variant's tokens compared with the unsharded model's."""
+    static cache compiled (CUDA graphs: ``mode="reduce-overhead"``) -- vs the unsharded model; how many
+    leading new tokens of each equal the unsharded model's."""
     import autotp
 
     new = 32
@@ -259,7 +260,8 @@ def _decode(rank: int, world: int, device: torch.device, sizes: dict, iters: int
                 lm.generate(ids, **kw)
                 torch.cuda.synchronize(device) if device.type == "cuda" else None
                 times.append(time.perf_counter() - t)
-            rows[name] = {"tokens_per_s": new / statistics.median(times), "equal": bool(torch.equal(got, want)),
+            same = (got[0, ids.shape[1]:] == want[0, ids.shape[1]:]).long().cumprod(0).sum()
+            rows[name] = {"tokens_per_s": new / statistics.median(times), "leading_equal": int(same),
                           "first_call_s": first}
     if compile_peer:
         rows["autotp static+compile"]["setup_s"] = time.perf_counter() - t0
@@ -332,9 +334,11 @@ def main(argv=None) -> int:
         base = rows["unsharded"]["tokens_per_s"]
         parts = [f"{k}: {v['tokens_per_s']:.0f} tok/s ({v['tokens_per_s'] / base:.2f}x)" for k, v in rows.items()]
         first = rows.get("autotp static+compile", {}).get("first_call_s")
-        return (all(v["equal"] for r in rs for v in r.values()),
-                "; ".join(parts) + (f"; compiled first call {first:.0f} s" if first else "") + "; tokens equal: "
-                f"{[all(v['equal'] for v in r.values()) for r in rs]}")
+        # bf16: partial sums added in another order may flip a near-tie after some tokens; a wrong shard
+        # differs from the first token on
+        lead = min(v["leading_equal"] for r in rs for v in r.values())
+        return (lead >= 8, "; ".join(parts) + (f"; compiled first call {first:.0f} s" if first else "") +
+                f"; leading new tokens equal to the unsharded model's: at least {lead} of 32 (8 needed)")
 
     for world in (1, 2):
         table.run(f"decode bf16 batch 1, world {world}: eager dynamic / static / compiled (CUDA graphs)",

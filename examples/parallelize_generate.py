@@ -2,6 +2,7 @@
 
     python examples/parallelize_generate.py                 # a small GPT-2, 2 CPU workers
     python examples/parallelize_generate.py --model t5      # a small T5 (encoder-decoder)
+    python examples/parallelize_generate.py --static-cache --compile   # preallocated KV cache, compiled decode step
 
 No launcher: the script is the notebook.  It builds a small model with random
 weights (nothing is downloaded), shards it over 2 worker processes, runs beam
@@ -35,6 +36,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=["gpt2", "t5"], default="gpt2")
     p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--static-cache", action="store_true", help="a preallocated KV cache written in place")
+    p.add_argument("--compile", action="store_true", help="the decode step under torch.compile (compiles on first use)")
     a = p.parse_args()
     model = build(a.model)
     ids = torch.randint(3, 512, (3, 10), generator=torch.Generator().manual_seed(1))
@@ -44,10 +47,10 @@ def main():
     kw = dict(num_beams=5, no_repeat_ngram_size=4, max_new_tokens=15, pad_token_id=0)
 
     t0 = time.perf_counter()
-    with autotp.parallelize(model, world_size=a.world_size) as lm:
+    with autotp.parallelize(model, world_size=a.world_size, static_cache=a.static_cache, compile=a.compile) as lm:
         print(f"{a.world_size} workers up and sharded in {time.perf_counter() - t0:.1f} s")
         out = lm.generate(input_ids=ids, attention_mask=mask, **kw)
-        print(lm.plans["decode"].summary())
+        print(lm.plans["static_decode" if a.static_cache else "decode"].summary())
     want = model.generate(input_ids=ids, attention_mask=mask, **kw)
     print("generated:\n", out)
     print("same tokens as the unsharded model:", torch.equal(out, want))
