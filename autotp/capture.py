@@ -131,7 +131,7 @@ def _canonicalize_attributes(gm: GraphModule) -> None:
     weight one placement, and dropping unused attributes keeps no full copy of a sharded one.
     """
     canonical: dict[int, torch.fx.Node] = {}
-    changed = False
+    changed = _drop_dead_values(gm)
     for node in list(gm.graph.nodes):
         if node.op != "get_attr":
             continue
@@ -150,6 +150,20 @@ def _canonicalize_attributes(gm: GraphModule) -> None:
     drop_unused_attributes(gm)
     if changed:  # (its code is the graph's already otherwise: recompiling 80 layers costs a tenth of a second)
         gm.recompile()
+
+
+def _drop_dead_values(gm: GraphModule) -> bool:
+    """Erase pure ops whose tensor result no one reads (Mamba's ``A = -exp(A_log)`` computed for a
+    training-only kernel): a dead read of a parameter would ask for it whole.  Ops that write, assert
+    or call modules (export's input guards) stay."""
+    changed = False
+    for node in reversed(list(gm.graph.nodes)):
+        if (node.op == "call_function" and not node.users and isinstance(node.meta.get("val"), torch.Tensor)
+                and isinstance(node.target, torch._ops.OpOverload) and not node.is_impure()
+                and not node.target._schema.name.startswith("aten::_assert")):
+            gm.graph.erase_node(node)
+            changed = True
+    return changed
 
 
 def drop_unused_attributes(gm: GraphModule) -> None:

@@ -16,8 +16,8 @@ by heads, k and v whole where their heads are fewer than the ranks), and the wei
     q = v4[:, :, :-2];  k = v4[:, :, [-2]]         k = view(y_k, [B, S, 1, 16])
 
 The rewrite applies when every reader of ``y`` takes one contiguous run of its output features
-(a split along them, a slice, or -- through a view splitting them into ``(n, d)`` -- a slice,
-a one-element index or a select along ``n``; read through a bias add or an unsqueeze first), the
+(a split along them, a slice, or -- through a view splitting them into ``(n, d)`` -- a split, a
+slice, a one-element index or a select along ``n``; read through a bias add or an unsqueeze first), the
 runs partition the features, they are not the equal split the chunk layout already shards whole
 (GPT-2's ``split(y, 768)``), and all parts flow into one attention op (q, k and v: a fused
 projection feeding other mixers, a Mamba or linear-attention in-projection, is left to their rules).
@@ -125,6 +125,19 @@ def _reads(gm: GraphModule, y: Node, n: int):
                     if r is None:
                         return None
                     out.append((h, (r[0] * d, r[1] * d), [(aten.view.default, (sizes[:-2] + [r[1] - r[0], sizes[-1]],))]))
+                elif h.target in _SPLITS and (h.args[2] if len(h.args) > 2 else h.kwargs.get("dim", 0)) % nd == nd - 2:
+                    items = {g.args[1]: g for g in h.users if g.target is operator.getitem}  # Falcon's [H, 1, 1]
+                    if len(items) != len(h.users):
+                        return None
+                    edge = 0
+                    for i, piece in enumerate(h.meta["val"]):
+                        k = size_hint(piece.shape[-2])
+                        if k == 0:
+                            return None
+                        if i in items:
+                            out.append((items[i], (edge * d, (edge + k) * d),
+                                        [(aten.view.default, (sizes[:-2] + [k, sizes[-1]],))]))
+                        edge += k
                 elif h.target == aten.select.int and h.args[1] % nd == nd - 2 and isinstance(h.args[2], int):
                     i = h.args[2] % heads
                     out.append((h, (i * d, (i + 1) * d), [(aten.view.default, (sizes[:-2] + [sizes[-1]],))]))

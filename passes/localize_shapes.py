@@ -33,6 +33,13 @@ def localize_shapes(gm: GraphModule, ctx: LoweringContext) -> PassResult:
                 sizes[d] = local_size(sizes[d], world_size, dec.placement.chunks)
                 node.args = (node.args[0], sizes, *node.args[2:])
                 modified = True
+        elif "unflatten_index" in dec.local_args:  # unflatten(x, dim, sizes): the sharded entry of sizes
+            i = dec.local_args["unflatten_index"]
+            sizes = list(node.args[2])
+            if isinstance(sizes[i], int) and sizes[i] != -1:
+                sizes[i] = local_size(sizes[i], world_size, dec.placement.chunks)
+                node.args = (node.args[0], node.args[1], sizes, *node.args[3:])
+                modified = True
         elif "local_arg" in dec.local_args:  # one argument is the sharded dim's global size (conv groups)
             i = dec.local_args["local_arg"]
             args = list(node.args)

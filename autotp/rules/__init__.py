@@ -32,8 +32,9 @@ from .compute import (CONVOLUTIONS, REDUCTIONS, SCANS, rule_conv, rule_cross_ent
                       rule_linear, rule_matmul, rule_baddbmm, rule_grouped_mm, rule_native_dropout, rule_reduce, rule_reduction, rule_scan,
                       rule_sdpa, rule_softmax, rule_sym_size)
 from .views import (_dim_map_rule, _permute_dim, _squeeze_dim, _t_dim, _transpose_dim, _unsqueeze_dim,
-                    reshape_shard, rule_cat, rule_expand, rule_flatten, rule_getitem, rule_index, rule_index_copy, rule_select,
-                    rule_slice, rule_split, rule_stack, rule_unbind, rule_view, rule_view_as)
+                    reshape_shard, rule_cat, rule_expand, rule_flatten, rule_getitem, rule_index, rule_index_copy,
+                    rule_select, rule_slice, rule_unflatten, rule_split, rule_tensor_split, rule_stack, rule_unbind,
+                    rule_view, rule_view_as)
 
 __all__ = ["Ctx", "Decision", "Unsupported", "RULES", "POINTWISE", "PARTIAL_LINEAR", "rule_for", "reshape_shard"]
 
@@ -57,6 +58,7 @@ POINTWISE = [
 RULES: dict[Any, Callable[[Ctx, Node], Decision]] = {op: rule_pointwise for op in POINTWISE}
 RULES.update({
     aten.view: rule_view, aten.reshape: rule_view, aten._unsafe_view: rule_view, aten.flatten: rule_flatten,
+    aten.unflatten: rule_unflatten,
     aten.expand: rule_expand, aten.broadcast_to: rule_expand, aten.index: rule_index,
     aten.index_copy: rule_index_copy, aten.index_copy_: rule_index_copy,
     aten.transpose: _dim_map_rule(_transpose_dim),
@@ -66,6 +68,7 @@ RULES.update({
     aten.squeeze: _dim_map_rule(_squeeze_dim),
     aten.slice: rule_slice,
     aten.split: rule_split, aten.split_with_sizes: rule_split, aten.chunk: rule_split,
+    aten.tensor_split: rule_tensor_split,
     aten.cat: rule_cat, aten.stack: rule_stack,
     aten.select: rule_select, aten.unbind: rule_unbind, aten.view_as: rule_view_as, aten.reshape_as: rule_view_as,
     aten.sum: rule_reduce, aten.mean: rule_reduce,

@@ -80,6 +80,18 @@ def rule_view(ctx: Ctx, node: Node) -> Decision:
     return Decision(q, {x: p}, why=f"reshape moves the shard to dim {q.dim}", local_args={"size_dim": q.dim})
 
 
+def rule_unflatten(ctx: Ctx, node: Node) -> Decision:
+    """unflatten(x, dim, sizes): a reshape of one dim into ``sizes`` (Falcon's fused qkv into heads); the
+    entry of ``sizes`` the shard lands on is localized."""
+    dec = rule_view(ctx, node)
+    q = dec.out
+    if isinstance(q, Shard):
+        d = _norm(node.args[1], len(ctx.shape(node.args[0])))
+        sizes = node.args[2]
+        dec.local_args = {"unflatten_index": q.dim - d} if d <= q.dim < d + len(sizes) else {}
+    return dec
+
+
 def rule_flatten(ctx: Ctx, node: Node) -> Decision:
     """flatten(x, start, end): a reshape whose arguments name dims, not sizes (nothing to localize)."""
     dec = rule_view(ctx, node)
@@ -190,6 +202,17 @@ def rule_split(ctx: Ctx, node: Node) -> Decision:
         raise Unsupported(f"split pieces of size {sizes[0]} are not divisible by world_size ({ctx.world_size})")
     return Decision([q] * k, {x: p}, why=f"split of the sharded dim into {k} sharded pieces",
                     local_args={"split_dim": dim})
+
+
+def rule_tensor_split(ctx: Ctx, node: Node) -> Decision:
+    """tensor_split(x, indices, dim): split at indices (Mamba's chunked prefix, along the sequence) -- as
+    ``split``; along the sharded dim only by indices (equal pieces: each index divides by the world size)."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    p = ctx.pl(node.args[0])
+    if (isinstance(p, Shard) and _norm(dim, len(ctx.shape(node.args[0]))) == p.dim
+            and node.target != aten.tensor_split.indices):
+        raise Unsupported("tensor_split of the sharded dim into sections")
+    return rule_split(ctx, node)
 
 
 def rule_getitem(ctx: Ctx, node: Node) -> Decision:
