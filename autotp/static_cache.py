@@ -15,7 +15,9 @@ under a mask that hides the positions not written yet (Hugging Face's static-cac
 
 The analysis places the buffers as declared (the prefill's cache placements: ``Shard(1)``,
 the heads, where attention is head-parallel) and checks that nothing redistributes a tensor
-written in place (``patterns.in_place_hazards``): the buffers are written where they live.
+written in place where the write is seen elsewhere (``patterns.mutated_args``, ``write_visible``):
+the buffers are written where they live.  An encoder-decoder (T5) passes its prefill's
+cross-attention keys and values after its self-attention buffers (``StaticSeq2SeqStep``).
 
 At run time (``static_step``), a ``transformers`` ``StaticCache`` (``generate(...,
 cache_implementation="static")``, the default with ``static_cache=True``) is filled by the
@@ -29,7 +31,6 @@ import functools
 import torch
 from torch import nn
 from torch.export import Dim
-
 
 __all__ = ["StaticCausalLMStep", "StaticSeq2SeqStep", "capture_static_decode", "is_static_cache", "static_step",
            "static_seq2seq_step"]
