@@ -25,8 +25,9 @@ import math
 import torch
 import torch.distributed as dist
 
+from .placements import pad_zeros
 from .runtime import REDISTRIBUTIONS, Communicator, RedistributionKind, _Collective
-from .traceable import communicator
+from .traceable import communicator, slice_op
 from .traceable import gather as _gather
 from .traceable import _gathered_shape
 
@@ -40,9 +41,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, comm: Communicator) -> torch.Tenso
     world, size = comm.world_size, x.shape[dim]
     n = math.ceil(size / world)
     if world * n != size:
-        pad = list(x.shape)
-        pad[dim] = world * n - size
-        x = torch.cat([x, x.new_zeros(pad)], dim)
+        x = pad_zeros(x, dim, world * n - size)
     whole = x.movedim(dim, 0).contiguous()  # the ranks' parts: consecutive blocks of rows
     out = whole.new_empty((n, *whole.shape[1:]))
     comm.wait(dist.reduce_scatter_tensor(out, whole, group=comm.group, async_op=True), "reduce_scatter", whole)
@@ -116,7 +115,6 @@ def _save_gather(ctx, inputs, output):
 def _gather_backward(ctx, grad):
     if ctx.reduce_grad:
         return reduce_scatter_op(grad, ctx.dim, ctx.comm), None, None, None, None
-    from .traceable import slice_op
     return slice_op(grad, ctx.dim, 1, ctx.comm), None, None, None, None
 
 

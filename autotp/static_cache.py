@@ -207,10 +207,10 @@ def static_step(steps, cache, input_ids, attention_mask, position_ids):
     the first step (its keys and values copied into new local buffers), else ``static_decode``.
     Returns the last position's logits."""
     n = steps.num_layers
-    _check_layers(cache, n)
-    _require_static_decode(steps)
     layers = cache.layers[:n]
-    if not layers[0].is_initialized:
+    if not layers[0].is_initialized:  # (the cache's layers are checked once, here, not at every step)
+        _check_layers(cache, n)
+        _require_static_decode(steps)
         logits, *present = steps.run["prefill"](input_ids, attention_mask, position_ids)
         _fill(layers, present)
         return logits
@@ -227,10 +227,10 @@ def static_seq2seq_step(steps, cache, decoder_input_ids, hidden, attention_mask,
     self-attention cache is static; the cross-attention keys and values are the prefill's
     (``store_cross(cache, present)`` puts them in its cross-attention cache)."""
     n = steps.num_layers
-    _check_layers(cache.self_attention_cache, n)
-    _require_static_decode(steps)
     layers = cache.self_attention_cache.layers[:n]
     if not layers[0].is_initialized:
+        _check_layers(cache.self_attention_cache, n)
+        _require_static_decode(steps)
         logits, *present = steps.run["prefill"](decoder_input_ids, hidden, attention_mask)
         _fill(layers, present[: 2 * n])
         store_cross(cache, present[2 * n:])
