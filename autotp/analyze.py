@@ -35,11 +35,13 @@ from torch.utils import _pytree as pytree
 from .patterns import (embedding_table, from_user_input, get_attr, grouped_weight, is_tensor_node, linear_weight,
                        mutated_args, output_leaves, output_node, param_of, param_slice, param_view_keeps_zero,
                        tensor_inputs, write_visible)
+from .copies import merge_copies
 from .explain import explain_whole_weights
 from .placements import Partial, Placement, Replicate, Shard
 from .rules import Ctx, Decision, Unsupported, rule_for
 from .rules.padding import FINITE, ZERO
 from .runtime import REDISTRIBUTIONS, redistribution_chain
+from .sequence_regions import fuse_exits, place_sequence_regions, sequence_chain
 
 R = Replicate()
 MAX_ROUNDS = 32
@@ -81,6 +83,7 @@ class Analysis:
     output_placements: list = field(default_factory=list)  # each flat output as returned
     kept_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why it is held whole though sliced
     reduced: set[Node] = field(default_factory=set)  # partial sums all-reduced once, at their source (forks)
+    sequence: dict[Node, Placement] = field(default_factory=dict)  # sequence-parallel regions (sequence_regions)
 
 
 def _is_floating(node: Node) -> bool:
@@ -240,13 +243,14 @@ def find_vocab_embeddings(gm: GraphModule, *, world_size: int) -> list[Node]:
 
 def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_outputs: bool = True,
             input_placements: dict[int, Placement] | None = None,
-            local_outputs: set[int] | frozenset = frozenset()) -> Analysis:
+            local_outputs: set[int] | frozenset = frozenset(), sequence_parallel: bool = False) -> Analysis:
     """Seed, run the fixpoint and record the placement changes. See the module docstring.
 
     ``input_placements`` declares the placement of flat graph inputs by position (default
     ``Replicate``): a KV cache passed back in holds each rank's heads, ``Shard(1)``.
     ``local_outputs`` lists flat output positions returned as each rank's shard (the KV
-    cache going out) rather than gathered.
+    cache going out) rather than gathered.  ``sequence_parallel``: place the regions between
+    blocks on ``Shard(seq)`` (``autotp.sequence_regions``).
     """
     ctx = Ctx(world_size, {})
     ctx.strict = strict
@@ -286,15 +290,18 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
         demoted_why = demoted.pop(node)
         if decisions[node].role is None:  # not row-parallel after all
             ctx_kept[grouped_weight(node)[1].target] = demoted_why
+    region = place_sequence_regions(ctx, gm, decisions) if sequence_parallel else {}
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
-                        set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept)
+                        set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept, sequence=region)
     _record_redistributions(analysis)
     for r in analysis.redistributions:  # no round could avoid it (a declared input): refuse, never a lost write
         if r.src in mutated_args(r.consumer) and write_visible(r.src, r.consumer):
             raise ValueError(f"{r.consumer.format_node()} writes in place into {r.src.name}, which would need a "
                              f"{r.kind} ({r.frm} -> {r.to}): the write would land in a copy. Declare that input "
                              f"with the placement the write needs, or keep the model's cache dynamic")
-    _merge_copies(analysis)
+    merge_copies(analysis)
+    if region:
+        fuse_exits(analysis)
     explain_whole_weights(analysis)
     out = output_node(gm)
     analysis.output_placements = [
@@ -414,76 +421,8 @@ def _edge(a: Analysis, x: Node, node: Node, act: Placement, req: Placement, out_
         # whole just before (an all-reduce or all-gather straight into a column linear, with no norm
         # between): neither's backward sums the readers' partial gradients
         chain = chain + [("copy", R, R)]
+    if a.sequence:
+        chain = sequence_chain(a, x, node, chain)
     for kind, frm, to in chain:
         assert kind in REDISTRIBUTIONS, kind
         a.redistributions.append(Redistribution(x, node, frm, to, kind))
-
-
-def _merge_copies(a: Analysis) -> None:
-    """One ``copy`` where several replicated values derived from one enter sharded compute.
-
-    A ``copy``'s backward all-reduces its value's gradient, partial because only the rank's
-    shard of the compute contributed.  When a replicated value reaches sharded compute along
-    several paths of replicated ops (Mamba's C, read once per time step; dt, B and C split from
-    one all-reduced projection), a copy on each path all-reduces each path's gradient::
-
-        y = all_reduce(x_proj(h_S))                 y = copy(all_reduce(x_proj(h_S)))
-        dt, B, C = split(y)                 ->      dt, B, C = split(y)
-        .. copy(C[:, 0]) .. copy(C[:, 1]) ..        .. C[:, 0] .. C[:, 1] ..
-
-    The ops in between are the same on every rank, so their backward maps partial gradients to
-    partial gradients: one copy where the paths meet all-reduces once.  Only through ops whose
-    every reader is such a path or a copy (a gradient that is already whole, one from replicated
-    compute, must not be summed over ranks) and with no other input needing a gradient (a norm
-    weight's gradient would come out partial)."""
-    chains: dict[tuple[Node, Node], list[Redistribution]] = {}
-    for red in a.redistributions:
-        chains.setdefault((red.src, red.consumer), []).append(red)
-    returned = {x for x in output_leaves(a.graph_module) if isinstance(x, Node)}
-    memo: dict[Node, bool] = {}
-
-    def is_copy(chain) -> bool:
-        return len(chain) == 1 and chain[0].kind == "copy"
-
-    def into_sharded(n: Node) -> bool:
-        """Does all of ``n``'s gradient come from sharded compute (each rank's part of it)?"""
-        if n not in memo:
-            memo[n] = False  # (no cycles in a graph; guards re-entry)
-            pl = a.placements.get(n)
-            ok = (n.op == "call_function" and n in a.needs_grad and n not in returned
-                  and (pl == R or (isinstance(pl, list) and all(p == R for p in pl))))
-            for u in n.users if ok else ():
-                dec = a.decisions.get(u)
-                if dec is None or n not in dec.inputs and u.op != "output":
-                    continue  # reads no values of n (a metadata check)
-                chain = chains.get((n, u), [])
-                if not (is_copy(chain) or (not chain and into_sharded(u) and _grad_input(a, u) is n)):
-                    ok = False
-                    break
-            memo[n] = ok
-        return memo[n]
-
-    groups: dict[tuple[Node, Node], list[Redistribution]] = {}
-    for (src, consumer), chain in chains.items():
-        if not is_copy(chain):
-            continue
-        top = src
-        while into_sharded(top) and (p := _grad_input(a, top)) is not None:
-            if not into_sharded(p):
-                break
-            top = p
-        if top is src or not into_sharded(top) or (p := _grad_input(a, top)) is None:
-            continue
-        groups.setdefault((p, top), []).append(chain[0])
-    for (p, top), copies in groups.items():
-        if len({c.src for c in copies}) < 2:
-            continue  # one path: nothing to save
-        drop = {id(c) for c in copies}
-        a.redistributions = [r for r in a.redistributions if id(r) not in drop]
-        a.redistributions.append(Redistribution(p, top, R, R, "copy"))  # after the edge's own changes
-
-
-def _grad_input(a: Analysis, n: Node) -> Node | None:
-    """The one input of ``n`` that needs a gradient, or ``None`` if not exactly one does."""
-    ins = [x for x in n.all_input_nodes if x in a.needs_grad]
-    return ins[0] if len(ins) == 1 else None

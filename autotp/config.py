@@ -62,6 +62,13 @@ class ShardConfig:
             length, written in place at the position index -- no ``cat`` per token, one graph
             (one compilation) for every step.  ``generate()`` then uses it by default
             (``generation_config.cache_implementation = "static"``); a ``DynamicCache`` still works.
+        sequence_parallel: shard the regions between the parallel blocks (residual adds, norms,
+            dropouts) along the sequence (``autotp.sequence_regions``, Megatron-LM's sequence
+            parallelism): each all-reduce after a row-parallel linear becomes a reduce-scatter and
+            an all-gather before the next column-parallel one -- the same bytes, and 1/world of
+            those activations per rank.  Dropout there draws each rank's own stream (results
+            equal the unsharded model's in distribution, not bitwise); without dropout, exact.
+            ``shard`` / ``plan`` with static shapes only (not ``dynamic``, not generation).
 
     Raises:
         ValueError: a field of the wrong type, or options that contradict each other.
@@ -80,6 +87,7 @@ class ShardConfig:
     kernels: bool = True
     reuse_blocks: bool = True
     static_cache: bool = False
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -103,6 +111,10 @@ class ShardConfig:
             elif not isinstance(value, bool):
                 raise ValueError(f"ShardConfig.{f.name} must be True or False, got {value!r} "
                                  f"({type(value).__name__})")
+        if self.sequence_parallel and self.dynamic:
+            raise ValueError("sequence_parallel=True needs static shapes (the gather before each column-parallel "
+                             "linear trims the padding of the sequence length it was planned for); drop dynamic=True, "
+                             "or sequence_parallel")
 
     def check_for_generation(self) -> None:
         """Raise where an option contradicts generation (which reads whole logits, in eval mode)."""
@@ -112,6 +124,10 @@ class ShardConfig:
         if self.activation_checkpointing:
             raise ValueError("activation_checkpointing=True contradicts generation: it recomputes activations in "
                              "backward, and generation runs no backward; drop it")
+        if self.sequence_parallel:
+            raise ValueError("sequence_parallel=True is for shard() (training, or one forward at a fixed shape): "
+                             "generation's steps are dynamic in length, and a decode step's one token per sequence "
+                             "has nothing to shard; drop it for generation")
 
 
 def resolve_config(config: ShardConfig | None, options: dict) -> ShardConfig:

@@ -100,7 +100,8 @@ def plan_graph(gm: GraphModule, world_size: int, config: ShardConfig, *,
     attribute -> the name the plan (and a ``load`` callback) uses."""
     split_fused_linears(gm)  # in place: lowering reads the graph the analysis saw
     analysis = analyze(gm, world_size, strict=config.strict, gather_outputs=config.gather_outputs,
-                       input_placements=input_placements, local_outputs=local_outputs)
+                       input_placements=input_placements, local_outputs=local_outputs,
+                       sequence_parallel=config.sequence_parallel)
     return build_plan(analysis, param_names, recompute_blocks=config.activation_checkpointing)
 
 

@@ -12,11 +12,17 @@ between them each rank holds 1/world of the activations.  The math equals the ch
 table already has -- ``all_reduce`` then ``slice`` for ``P -> S``, ``all_gather`` then ``copy``
 for ``S -> R`` into sharded compute -- each fused into one collective each way.
 
-Uneven lengths are padded like uneven widths: a rank holds ``ceil(size / world)`` rows, the
-last one's tail zeros (reduce-scatter pads its input; the gather trims).  Both exist as
-autograd functions (eager) and as ``torch.library`` ops with their backward registered
-(``torch.compile`` traces them, ``autotp.traceable``'s way); importing this module adds the
-two kinds to ``runtime.REDISTRIBUTIONS``.
+A third, ``sequence_slice`` (R -> S(seq): this rank's rows, no communication; backward
+all-gather), takes a replicated value into the region (a position embedding).
+
+Uneven lengths are padded: a rank holds ``ceil(size / world)`` rows.  Into the region the
+padding *copies the last row* (the reduce-scatter's and the slice's forward), so every op there
+computes on a padded row what it computes on a real one -- finite wherever the real rows are
+(an RMSNorm's ``rsqrt`` of a zero row would not be).  Gradients are padded with zeros (the
+reduce-scatter in a gather's backward): a padded row adds nothing to a norm weight's gradient,
+and every gather trims the padding.  Each kind exists as an autograd function (eager) and as a
+``torch.library`` op with its backward registered (``torch.compile`` traces them,
+``autotp.traceable``'s way); importing this module adds the kinds to ``runtime.REDISTRIBUTIONS``.
 """
 from __future__ import annotations
 
@@ -31,30 +37,51 @@ from .traceable import communicator, slice_op
 from .traceable import gather as _gather
 from .traceable import _gathered_shape
 
-__all__ = ["reduce_scatter", "ReduceScatter", "GatherToRegion", "reduce_scatter_op", "gather_to_region_op"]
+__all__ = ["reduce_scatter", "sequence_slice", "ReduceScatter", "SequenceSlice", "GatherToRegion", "reduce_scatter_op",
+           "sequence_slice_op", "gather_to_region_op"]
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, comm: Communicator) -> torch.Tensor:
+# (torch 2.13 renames reduce_scatter_tensor; the same c10d op)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def pad_rows(x: torch.Tensor, dim: int, pad: int, edge: bool) -> torch.Tensor:
+    """``x`` with ``pad`` rows appended along ``dim``: copies of its last row (``edge``) or zeros."""
+    if not pad or not edge:
+        return pad_zeros(x, dim, pad)
+    last = x.narrow(dim, x.shape[dim] - 1, 1)
+    return torch.cat([x, last.expand(*[pad if d == dim else -1 for d in range(x.dim())])], dim=dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, comm: Communicator, edge: bool = False) -> torch.Tensor:
     """Sum ``x`` over the ranks and keep this rank's ``Shard(dim)`` rows (``ceil(size / world)`` of
-    them, zero-padded at the end): one c10d ``reduce_scatter_tensor``."""
+    them, padded at the end with copies of the last row (``edge``) or zeros): one c10d
+    ``reduce_scatter_tensor``."""
     dim = dim % x.dim()
     world, size = comm.world_size, x.shape[dim]
     n = math.ceil(size / world)
-    if world * n != size:
-        x = pad_zeros(x, dim, world * n - size)
+    x = pad_rows(x, dim, world * n - size, edge)
     whole = x.movedim(dim, 0).contiguous()  # the ranks' parts: consecutive blocks of rows
     out = whole.new_empty((n, *whole.shape[1:]))
-    comm.wait(dist.reduce_scatter_tensor(out, whole, group=comm.group, async_op=True), "reduce_scatter", whole)
-    return out.movedim(0, dim)
+    comm.wait(_reduce_scatter(out, whole, group=comm.group, async_op=True), "reduce_scatter", whole)
+    return out.movedim(0, dim).contiguous()  # (the graph's views after it need the usual strides)
 
 
 # ---- eager: autograd functions -----------------------------------------------------------------
+
+def sequence_slice(x: torch.Tensor, dim: int, comm: Communicator) -> torch.Tensor:
+    """This rank's ``Shard(dim)`` rows of a replicated ``x``, padded with copies of the last row."""
+    dim = dim % x.dim()
+    world, size = comm.world_size, x.shape[dim]
+    n = math.ceil(size / world)
+    return pad_rows(x, dim, world * n - size, True).narrow(dim, comm.rank * n, n).contiguous()
+
 
 class _ReduceScatterFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, comm):
         ctx.args = (dim, x.shape[dim], comm)
-        return reduce_scatter(x, dim, comm)
+        return reduce_scatter(x, dim, comm, edge=True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -66,7 +93,7 @@ class _GatherToRegionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, global_size, comm):
         ctx.args = (dim, comm)
-        return _gather(x, dim, 1, global_size, comm)
+        return _gather(x, dim, 1, global_size, comm).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
@@ -74,26 +101,61 @@ class _GatherToRegionFn(torch.autograd.Function):
         return reduce_scatter(grad, dim, comm), None, None, None
 
 
+class _SequenceSliceFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, comm):
+        ctx.args = (dim, x.shape[dim], comm)
+        return sequence_slice(x, dim, comm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, size, comm = ctx.args
+        return _gather(grad, dim, 1, size, comm), None, None
+
+
 # ---- traced: torch.library ops with their backward -------------------------------------------
 
 @torch.library.custom_op("autotp::reduce_scatter", mutates_args=())
-def reduce_scatter_op(x: torch.Tensor, dim: int, comm: str) -> torch.Tensor:
-    return reduce_scatter(x, dim, communicator(comm)).contiguous()
+def reduce_scatter_op(x: torch.Tensor, dim: int, comm: str, edge: bool) -> torch.Tensor:
+    return reduce_scatter(x, dim, communicator(comm), edge)
 
 
 @reduce_scatter_op.register_fake
-def _(x, dim, comm):
+def _(x, dim, comm, edge):
     world = communicator(comm).world_size
     return x.new_empty(_gathered_shape(x, dim % x.dim(), -(-x.shape[dim] // world)))
 
 
 def _save_rs(ctx, inputs, output):
-    x, ctx.dim, ctx.comm = inputs
+    x, ctx.dim, ctx.comm, _ = inputs
     ctx.size = x.shape[ctx.dim]
 
 
 def _rs_backward(ctx, grad):
+    return gather_to_region_op(grad, ctx.dim, ctx.size, ctx.comm, False), None, None, None
+
+
+@torch.library.custom_op("autotp::sequence_slice", mutates_args=())
+def sequence_slice_op(x: torch.Tensor, dim: int, comm: str) -> torch.Tensor:
+    return sequence_slice(x, dim, communicator(comm))
+
+
+@sequence_slice_op.register_fake
+def _(x, dim, comm):
+    world = communicator(comm).world_size
+    return x.new_empty(_gathered_shape(x, dim % x.dim(), -(-x.shape[dim] // world)))
+
+
+def _save_sequence_slice(ctx, inputs, output):
+    x, ctx.dim, ctx.comm = inputs
+    ctx.size = x.shape[ctx.dim]
+
+
+def _sequence_slice_backward(ctx, grad):
     return gather_to_region_op(grad, ctx.dim, ctx.size, ctx.comm, False), None, None
+
+
+sequence_slice_op.register_autograd(_sequence_slice_backward, setup_context=_save_sequence_slice)
 
 
 @torch.library.custom_op("autotp::gather_to_region", mutates_args=())
@@ -114,7 +176,7 @@ def _save_gather(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     if ctx.reduce_grad:
-        return reduce_scatter_op(grad, ctx.dim, ctx.comm), None, None, None, None
+        return reduce_scatter_op(grad, ctx.dim, ctx.comm, False), None, None, None, None
     return slice_op(grad, ctx.dim, 1, ctx.comm), None, None, None, None
 
 
@@ -135,10 +197,31 @@ class ReduceScatter(_Collective):
         if self.world_size == 1:
             return x
         if torch.compiler.is_compiling():
-            return reduce_scatter_op(x, self.dim, self.comm.name)
+            return reduce_scatter_op(x, self.dim, self.comm.name, True)
         if torch.is_grad_enabled() and x.requires_grad:
             return _ReduceScatterFn.apply(x, self.dim, self.comm)
-        return reduce_scatter(x, self.dim, self.comm)
+        return reduce_scatter(x, self.dim, self.comm, edge=True)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class SequenceSlice(_Collective):
+    """forward: this rank's sequence rows of a replicated value (last row copied into the padding;
+    no communication); backward: all-gather of the gradient."""
+
+    def __init__(self, dim: int, comm: Communicator):
+        super().__init__(comm)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        if torch.compiler.is_compiling():
+            return sequence_slice_op(x, self.dim, self.comm.name)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SequenceSliceFn.apply(x, self.dim, self.comm)
+        return sequence_slice(x, self.dim, self.comm)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -159,7 +242,7 @@ class GatherToRegion(_Collective):
             return gather_to_region_op(x, self.dim, self.global_size, self.comm.name, True)
         if torch.is_grad_enabled() and x.requires_grad:
             return _GatherToRegionFn.apply(x, self.dim, self.global_size, self.comm)
-        return _gather(x, self.dim, 1, self.global_size, self.comm)
+        return _gather(x, self.dim, 1, self.global_size, self.comm).contiguous()
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, global_size={self.global_size}"
@@ -168,6 +251,8 @@ class GatherToRegion(_Collective):
 REDISTRIBUTIONS.update({k.name: k for k in (
     RedistributionKind("reduce_scatter", "P -> S (sequence)", "reduce_scatter", "all_gather",
                        lambda frm, to, size, comm: ReduceScatter(to.dim, comm)),
+    RedistributionKind("sequence_slice", "R -> S (sequence)", None, "all_gather",
+                       lambda frm, to, size, comm: SequenceSlice(to.dim, comm)),
     RedistributionKind("gather_to_region", "S (sequence) -> R (into sharded compute)", "all_gather", "reduce_scatter",
                        lambda frm, to, size, comm: GatherToRegion(frm.dim, size, comm)),
 )})

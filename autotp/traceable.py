@@ -27,6 +27,7 @@ import weakref
 from contextlib import contextmanager
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .placements import pad_zeros, shard_index, take_shard
 
@@ -86,11 +87,19 @@ def gather(x: torch.Tensor, dim: int, chunks: int, global_size: int, comm) -> to
 @functools.lru_cache(maxsize=1024)
 def _rows(size: int, world: int, rank: int, chunks: int, device: torch.device):
     """``(start, index, count, pad)`` of a rank's rows: ``start`` where they are contiguous (a narrow),
-    else ``index`` already on ``device`` -- built once, not every forward."""
-    index, pad = shard_index(size, world, rank, chunks)
-    if len(index) and bool((index[1:] - index[:-1] == 1).all()):
-        return int(index[0]), None, len(index), pad
-    return None, index.to(device), len(index), pad
+    else ``index`` already on ``device`` -- built once, not every forward.  Real tensors even when
+    first asked while ``torch.compile`` traces (a fake ``arange`` would make the check below
+    data-dependent)."""
+    if chunks == 1:  # one contiguous block (``shard_index``'s layout), in plain ints
+        block = -(-size // world)
+        start = min(rank * block, size)
+        count = min(block, size - start)
+        return start, None, count, block - count
+    with unset_fake_temporarily():
+        index, pad = shard_index(size, world, rank, chunks)
+        if len(index) and bool((index[1:] - index[:-1] == 1).all()):
+            return int(index[0]), None, len(index), pad
+        return None, index.to(device), len(index), pad
 
 
 def local_slice(x: torch.Tensor, dim: int, chunks: int, rank: int, world: int) -> torch.Tensor:

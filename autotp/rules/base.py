@@ -56,6 +56,9 @@ class Ctx:
         self.input_placements: dict[int, Placement] = {}  # flat input position -> declared placement
         self.local_outputs: frozenset[int] = frozenset()  # flat output positions left as each rank's shard
         self.pad_state: dict[Node, int] = {}  # padded shards whose padding is not (known to be) zero
+        # sequence shards whose padded rows copy a real row (``autotp.sequence``): no op makes them
+        # non-finite, so the padding checks do not apply to them
+        self.real_padding: set[Node] = set()
 
     def pl(self, x: Any) -> Placement | None:
         """Placement of an argument; ``None`` for parameters (placed on demand) and non-tensors."""
@@ -169,7 +172,7 @@ def rule_pointwise(ctx: Ctx, node: Node) -> Decision:
             ins[x] = Shard(d, out_pl.chunks)  # full-size replicated operand: take our slice (free)
         else:
             ins[x] = R  # broadcasts along the sharded dim
-    padded = [x for x, p in shards.items() if ctx.padded(x, p)]
+    padded = [x for x, p in shards.items() if ctx.padded(x, p) and x not in ctx.real_padding]
     if not padded:
         return Decision(out_pl, ins, why="pointwise on the shard")
     along = {x for x, p in ins.items() if isinstance(p, Shard)}

@@ -59,7 +59,7 @@ def _outs(node: Node, p):
 
 
 def _pad_after(ctx: Ctx, node: Node, x: Node, p: Shard, effect) -> int | None:
-    if not ctx.padded(x, p) or effect is None:
+    if not ctx.padded(x, p) or x in ctx.real_padding or effect is None:
         return None
     if effect == BAD:
         raise Unsupported(f"{node.target} would make the padding of an uneven shard ({ctx.padding_of(x, p)}) "
