@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .config import ShardConfig, resolve_config
+from .sequence import regather_in_backward
 from .pipeline import Ranks, compile_model, compiled, join_ranks, plan_model
 from .plan import Plan
 from .groups import check_inputs_once, check_same_inputs
@@ -84,6 +85,9 @@ class ShardedModule(nn.Module):
             check_same_inputs(args, kwargs, self.group)
             self._inputs_checked = True
         try:
+            if self.config.sequence_parallel and torch.is_grad_enabled() and not self.config.compile:
+                with regather_in_backward():  # a column-parallel linear keeps its input's sequence shard
+                    return self._run(*args, **kwargs)
             return self._run(*args, **kwargs)
         except (RuntimeError, AssertionError) as e:  # export's shape guard raises either, by version
             if "Guard failed" not in str(e):

@@ -102,7 +102,8 @@ def plan_graph(gm: GraphModule, world_size: int, config: ShardConfig, *,
     analysis = analyze(gm, world_size, strict=config.strict, gather_outputs=config.gather_outputs,
                        input_placements=input_placements, local_outputs=local_outputs,
                        sequence_parallel=config.sequence_parallel)
-    return build_plan(analysis, param_names, recompute_blocks=config.activation_checkpointing)
+    return build_plan(analysis, param_names, recompute_blocks=config.activation_checkpointing,
+                      regather=config.sequence_parallel and not config.compile)
 
 
 def check_plans_agree(plans: dict[str, Plan], ranks: Ranks) -> None:

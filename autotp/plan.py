@@ -285,7 +285,7 @@ def _steps(analysis) -> list[Step]:
     return [Step(**{**s, "consumers": tuple(s["consumers"])}) for s in made.values()]
 
 
-def _collectives(analysis, steps: list[Step], recompute_blocks: bool) -> list[Collective]:
+def _collectives(analysis, steps: list[Step], recompute_blocks: bool, regather: bool = False) -> list[Collective]:
     world = analysis.world_size
     by_name = {n.name: n for n in analysis.graph_module.graph.nodes}
     order = {name: i for i, name in enumerate(by_name)}
@@ -309,6 +309,11 @@ def _collectives(analysis, steps: list[Step], recompute_blocks: bool) -> list[Co
             out.append(Collective(op, phase, s.kind, s.frm, s.to, s.src, s.consumers, shape,
                                   _local(shape, val, sent, world) if sent is not None else shape,
                                   val.dtype, _nbytes(val.shape, val.dtype), why))
+        if (regather and s.kind == "gather_to_region" and src in analysis.needs_grad
+                and not (recompute_blocks and block_of(src) is not None)):
+            out.append(Collective("all_gather", "backward", s.kind, s.frm, s.to, s.src, s.consumers, shape,
+                                  _local(shape, val, s.frm, world), val.dtype, _nbytes(val.shape, val.dtype),
+                                  f"{s.frm} -> {s.to} gathered again: the linears kept its sequence shard"))
     for node, dec in analysis.decisions.items():
         if dec.role != "vocab_ce":
             continue
@@ -360,12 +365,15 @@ def _parameters(analysis, names: dict[str, str]) -> tuple[dict[str, ParamPlan], 
     return params, {"param_bytes_per_rank": per_rank, "param_bytes_total": total, "param_bytes_replicated": replicated}
 
 
-def build_plan(analysis, param_names: dict[str, str] | None = None, *, recompute_blocks: bool = False) -> Plan:
+def build_plan(analysis, param_names: dict[str, str] | None = None, *, recompute_blocks: bool = False,
+               regather: bool = False) -> Plan:
     """The ``Plan`` of an ``Analysis`` (see the module docstring).
 
     ``param_names`` maps graph attributes to the names the plan reports (default: the same);
     ``recompute_blocks``: activation checkpointing will recompute each transformer block in
-    backward, so the block's forward collectives are listed again there."""
+    backward, so the block's forward collectives are listed again there; ``regather``: a
+    sequence-parallel gather's output is kept as its shard and gathered again in backward
+    (``sequence.regather_in_backward``; eager only)."""
     params, memory = _parameters(analysis, param_names or {})
     by_target = {p.target: p for p in params.values()}
     steps = _steps(analysis)
@@ -385,7 +393,8 @@ def build_plan(analysis, param_names: dict[str, str] | None = None, *, recompute
         replicated_layers[(param_names or {}).get(name, name)] = why
     for target, why in analysis.kept_whole.items():
         replicated_layers.setdefault((param_names or {}).get(target, target), why)
-    return Plan(analysis.world_size, params, _collectives(analysis, steps, recompute_blocks), memory, replicated_layers, nodes, steps,
+    return Plan(analysis.world_size, params, _collectives(analysis, steps, recompute_blocks, regather), memory,
+                replicated_layers, nodes, steps,
                 list(analysis.output_placements), _graph_nodes(analysis.graph_module))
 
 

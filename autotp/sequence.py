@@ -30,6 +30,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .placements import pad_zeros
 from .runtime import REDISTRIBUTIONS, Communicator, RedistributionKind, _Collective
@@ -37,7 +38,8 @@ from .traceable import communicator, slice_op
 from .traceable import gather as _gather
 from .traceable import _gathered_shape
 
-__all__ = ["reduce_scatter", "sequence_slice", "ReduceScatter", "SequenceSlice", "GatherToRegion", "reduce_scatter_op",
+__all__ = ["reduce_scatter", "sequence_slice", "ReduceScatter", "SequenceSlice", "GatherToRegion", "regather_in_backward",
+           "reduce_scatter_op",
            "sequence_slice_op", "gather_to_region_op"]
 
 
@@ -227,6 +229,53 @@ class SequenceSlice(_Collective):
         return f"dim={self.dim}"
 
 
+# ---- the gathered input is not kept for backward: each rank keeps its shard and gathers again ------
+
+_GATHERED = WeakTensorKeyDictionary()  # a gather's output -> (the shard it was gathered from, dim, size, comm)
+
+
+class _Regather:
+    """What autograd keeps of a gathered tensor (or a view of one): the shard, gathered again when unpacked."""
+
+    def __init__(self, base, view):
+        self.key, (self.shard, self.dim, self.size, self.comm) = id(base), _GATHERED[base]
+        self.geometry = (view.size(), view.stride(), view.storage_offset())
+
+
+class regather_in_backward(torch.autograd.graph.saved_tensors_hooks):
+    """Within it, what a ``GatherToRegion``'s output (or a view of it) is saved for backward as -- a column-parallel
+    linear's input, for its weight gradient -- is only this rank's shard, all-gathered again when backward needs it
+    (Megatron-LM's sequence parallelism does the same): 1/world of those activations held between forward and
+    backward, for one more all-gather each in backward.  Linears reading one gather share one re-gather (q, k, v).
+    Autograd unpacks in the same order on every rank, so the ranks issue the re-gathers alike."""
+
+    def __init__(self):
+        self.cache: dict[int, list] = {}  # base id -> [gathered tensor, unpacks left]
+        self.packs: dict[int, int] = {}
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t):
+        base = t if t in _GATHERED else t._base if t._base is not None and t._base in _GATHERED else None
+        if base is None:
+            return t
+        r = _Regather(base, t)
+        self.packs[r.key] = self.packs.get(r.key, 0) + 1
+        return r
+
+    def _unpack(self, r):
+        if not isinstance(r, _Regather):
+            return r
+        entry = self.cache.get(r.key)
+        if entry is None:
+            entry = self.cache[r.key] = [_gather(r.shard, r.dim, 1, r.size, r.comm).contiguous(),
+                                         self.packs.pop(r.key, 1)]
+        full = entry[0]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self.cache[r.key]
+        return full.as_strided(*r.geometry)
+
+
 class GatherToRegion(_Collective):
     """forward: all-gather of ``Shard(dim)`` pieces (padding trimmed) into sharded compute;
     backward: reduce-scatter of the gradient (each rank's part of it is a partial sum)."""
@@ -241,7 +290,9 @@ class GatherToRegion(_Collective):
         if torch.compiler.is_compiling():
             return gather_to_region_op(x, self.dim, self.global_size, self.comm.name, True)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _GatherToRegionFn.apply(x, self.dim, self.global_size, self.comm)
+            out = _GatherToRegionFn.apply(x, self.dim, self.global_size, self.comm)
+            _GATHERED[out] = (x.detach(), self.dim, self.global_size, self.comm)  # (regather_in_backward)
+            return out
         return _gather(x, self.dim, 1, self.global_size, self.comm).contiguous()
 
     def extra_repr(self) -> str:

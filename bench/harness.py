@@ -5,6 +5,7 @@
     python bench/harness.py generate --preset llama-12x768 --world-sizes 2
     python bench/harness.py load     --preset gpt2-medium --world-sizes 2
     python bench/harness.py gather   --world-sizes 2 --shapes 4x128x8192,1x32x8192
+    python bench/harness.py sequence --world-sizes 2 [--small]      # sequence parallelism vs TP and DTensor
     python bench/harness.py kernels  --json kernels.json
 
 Each subcommand is a module of ``bench/`` registered in ``SUBCOMMANDS`` with three functions:
@@ -51,6 +52,7 @@ SUBCOMMANDS = {  # name -> module of bench/
     "generate": "bench_generate",
     "load": "bench_load",
     "gather": "bench_gather",
+    "sequence": "bench_sequence",
     "kernels": "kernel_micro",
 }
 
