@@ -84,6 +84,7 @@ class Analysis:
     kept_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why it is held whole though sliced
     reduced: set[Node] = field(default_factory=set)  # partial sums all-reduced once, at their source (forks)
     sequence: dict[Node, Placement] = field(default_factory=dict)  # sequence-parallel regions (sequence_regions)
+    sequence_kept: dict[Node, str] = field(default_factory=dict)  # at a region's edge, left as it was: why
 
 
 def _is_floating(node: Node) -> bool:
@@ -290,9 +291,10 @@ def analyze(gm: GraphModule, world_size: int, *, strict: bool = False, gather_ou
         demoted_why = demoted.pop(node)
         if decisions[node].role is None:  # not row-parallel after all
             ctx_kept[grouped_weight(node)[1].target] = demoted_why
-    region = place_sequence_regions(ctx, gm, decisions) if sequence_parallel else {}
+    region, region_kept = place_sequence_regions(ctx, gm, decisions) if sequence_parallel else ({}, {})
     analysis = Analysis(gm, world_size, decisions, dict(ctx.placements), {}, [], dict(ctx.column_seeds),
-                        set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept, sequence=region)
+                        set(ctx.vocab_seeds), demoted, reduced=set(ctx.reduced), kept_whole=ctx_kept, sequence=region,
+                        sequence_kept=region_kept)
     _record_redistributions(analysis)
     for r in analysis.redistributions:  # no round could avoid it (a declared input): refuse, never a lost write
         if r.src in mutated_args(r.consumer) and write_visible(r.src, r.consumer):

@@ -165,6 +165,8 @@ class Plan:
     outputs: list = field(default_factory=list)
     graph: list[GraphNode] = field(default_factory=list)
     fusions: list[dict] = field(default_factory=list)  # lowering's kernel swaps (LoweringContext.fused)
+    # sequence parallelism: {"nodes": the values on a sequence shard, "kept": {node: why it stayed as it was}}
+    sequence: dict = field(default_factory=dict)
 
     def node(self, n) -> NodePlan | None:
         """The decision for fx node ``n`` (``None`` for nodes lowering added)."""
@@ -191,6 +193,7 @@ class Plan:
             "collectives": [c.to_dict() for c in self.collectives],
             "memory": self.memory,
             "replicated": self.replicated,
+            **({"sequence": self.sequence} if self.sequence else {}),
         }, **kw)
 
     def dump(self, directory, *, expand: bool = False) -> dict[str, str]:
@@ -226,6 +229,11 @@ class Plan:
             for f in self.fusions:
                 kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
             lines.append("fused kernels (this rank's lowering): " + ", ".join(f"{k} x{v}" for k, v in kinds.items()))
+        if self.sequence:
+            kept = self.sequence["kept"]
+            lines.append(f"sequence-parallel: {len(self.sequence['nodes'])} values between blocks on a sequence shard"
+                         + (f"; {len(kept)} at a region's edge left as they were:" if kept else ""))
+            lines += [f"  {name}: {why}" for name, why in kept.items()]
         if self.replicated:
             lines.append("left replicated:")
             for name, why in self.replicated.items():
@@ -393,9 +401,11 @@ def build_plan(analysis, param_names: dict[str, str] | None = None, *, recompute
         replicated_layers[(param_names or {}).get(name, name)] = why
     for target, why in analysis.kept_whole.items():
         replicated_layers.setdefault((param_names or {}).get(target, target), why)
+    sequence = {"nodes": [n.name for n in analysis.sequence],
+                "kept": {n.name: why for n, why in analysis.sequence_kept.items()}} if analysis.sequence else {}
     return Plan(analysis.world_size, params, _collectives(analysis, steps, recompute_blocks, regather), memory,
-                replicated_layers, nodes, steps,
-                list(analysis.output_placements), _graph_nodes(analysis.graph_module))
+                replicated_layers, nodes, steps, list(analysis.output_placements),
+                _graph_nodes(analysis.graph_module), sequence=sequence)
 
 
 def _graph_nodes(gm) -> list[GraphNode]:

@@ -173,7 +173,8 @@ def html_page(doc: dict, svg: str | None, *, note: str | None = None) -> str:
            f"rank {_mib(mem['param_bytes_per_rank'])} of {_mib(mem['param_bytes_total'])}</p></header><main>",
            '<p><input id="q" type="search" placeholder="search parameters, blocks, ops" aria-label="search"> '
            '<span id="shown" class="tag"></span></p>']
-    out += _memory(doc) + _totals(doc) + _blocks_table(doc) + _graph(svg, note) + _replicated(doc) + _params_table(doc)
+    out += (_memory(doc) + _totals(doc) + _blocks_table(doc) + _graph(svg, note) + _sequence(doc) + _replicated(doc)
+            + _params_table(doc))
     out.append(f"</main><script>{_JS}</script></body></html>")
     return "\n".join(out)
 
@@ -253,6 +254,22 @@ def _params_table(doc: dict) -> list[str]:
                    f"<td>{_shape(p['global_shape'])}</td><td>{_shape(p['local_shape'])}</td><td>{e(p['role'])}</td>"
                    f"<td class='n'>{p['local_bytes']:,}</td></tr>")
     out.append("</table>")
+    return out
+
+
+def _sequence(doc: dict) -> list[str]:
+    """Sequence parallelism's regions: how many values sit on a sequence shard, and why those at an edge do not."""
+    seq = doc.get("sequence")
+    if not seq:
+        return []
+    e = html.escape
+    out = ["<h2>Sequence-parallel regions</h2>",
+           f"<p>{len(seq['nodes'])} values between the parallel blocks are sharded along the sequence (each rank "
+           "holds 1/world of them): reduce-scatter into a region, all-gather out of it.</p>"]
+    if seq["kept"]:
+        out.append('<table id="sequence-kept"><tr><th>left as it was</th><th>why</th></tr>')
+        out += [f"<tr><td><code>{e(n)}</code></td><td>{e(why)}</td></tr>" for n, why in seq["kept"].items()]
+        out.append("</table>")
     return out
 
 

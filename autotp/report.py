@@ -28,13 +28,13 @@ from .graph import VIEW_OPS, block_hashes, blocks, identical_blocks, nbytes, pla
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "plan_document", "validate", "dump_plan", "dump_if_asked"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: reduce_scatter collectives and the "sequence" record (sequence parallelism)
 
 _INT = {"type": "integer", "minimum": 0}
 _SHAPE = {"type": "array", "items": {"type": ["integer", "string"]}}
 _STR_OR_NULL = {"type": ["string", "null"]}
 _PHASES = {"type": "string", "enum": ["forward", "backward"]}
-_OPS = {"type": "string", "enum": ["all_reduce", "all_gather"]}
+_OPS = {"type": "string", "enum": ["all_reduce", "all_gather", "reduce_scatter"]}
 
 
 def _obj(required: dict, optional: dict | None = None) -> dict:
@@ -74,6 +74,9 @@ SCHEMA = _obj({
     # what this rank's lowering swapped for csrc/ kernels (empty before lowering: ``autotp.plan``)
     "fusions": {"type": "array", "items": _obj({"kind": {"type": "string"}, "at": {"type": "string"},
                                                 "detail": {"type": "string"}})},
+    # ShardConfig(sequence_parallel=True): the values on a sequence shard, and why those at a region's edge are not
+    "sequence": _obj({"nodes": {"type": "array", "items": {"type": "string"}},
+                      "kept": {"type": "object", "additionalProperties": {"type": "string"}}}),
 })
 """``plan.json``'s schema (JSON Schema: ``type``, ``properties``, ``required``, ``additionalProperties``,
 ``items``, ``enum``, ``minimum``), checked by ``validate``.  ``blocks[].same_as`` names the first
@@ -197,6 +200,7 @@ def plan_document(plan, g=None) -> dict:
         "replicated": [{"parameter": name, "why": why, "path": replication_path(g, name, why)}
                        for name, why in plan.replicated.items()],
         "fusions": [dict(f) for f in plan.fusions],
+        **({"sequence": plan.sequence} if plan.sequence else {}),
     }
 
 

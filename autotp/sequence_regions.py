@@ -37,7 +37,8 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from .copies import GradientPaths, grad_input
-from .patterns import grouped_weight, is_tensor_node, linear_weight, param_of, tensor_inputs
+from .patterns import (grouped_weight, is_tensor_node, linear_weight, mutated_args, param_of, tensor_inputs,
+                       write_visible)
 from .placements import Partial, Replicate, Shard
 from .rules import Ctx, Unsupported, rule_for
 from .rules.padding import ZERO
@@ -58,18 +59,23 @@ def _floating(x: Node) -> bool:
     return is_tensor_node(x) and not isinstance(val, (list, tuple)) and val.dtype.is_floating_point
 
 
-def place_sequence_regions(ctx: Ctx, gm: GraphModule, decisions: dict) -> dict[Node, Shard]:
+def place_sequence_regions(ctx: Ctx, gm: GraphModule, decisions: dict) -> tuple[dict[Node, Shard], dict[Node, str]]:
     """Re-place the regions between blocks on ``Shard(seq)`` (see the module docstring); returns
-    each region node's placement.  Updates ``decisions``, ``ctx.placements``, ``ctx.reduced`` and
-    ``ctx.pad_state`` in place."""
+    each region node's placement, and why each node at a region's edge stayed as it was.  Updates
+    ``decisions``, ``ctx.placements``, ``ctx.reduced`` and ``ctx.pad_state`` in place."""
     pl = ctx.placements
     region: dict[Node, Shard] = {}
+    kept: dict[Node, str] = {}
     ctx.real_padding = set()  # every value in the region, and every entry, pads by copying a real row
     for node in gm.graph.nodes:
         dec = decisions.get(node)
         if (node.op != "call_function" or dec is None or dec.role is not None or param_of(node) is not None
-                or linear_weight(node) is not None or grouped_weight(node) is not None
                 or not (dec.out == R or isinstance(dec.out, Partial)) or not _floating(node)):
+            continue
+        if linear_weight(node) is not None or grouped_weight(node) is not None:
+            if any(x in region for x in tensor_inputs(node)):
+                kept[node] = ("a linear with a whole weight: it reads the gathered input the column-parallel linears "
+                              "beside it read")
             continue
         offered = {}
         for x in tensor_inputs(node):
@@ -81,8 +87,9 @@ def place_sequence_regions(ctx: Ctx, gm: GraphModule, decisions: dict) -> dict[N
                            and (len(offered) > 1 or any(x.meta["val"].dim() != node.meta["val"].dim() for x in offered)
                                 or _sums_fresh_partials(ctx, decisions, node))):
             continue  # fresh partial sums stay partial through sums and reshapes: reduce-scattered once, after
-        trial = _trial(ctx, node, offered)
-        if trial is None:
+        trial = _trial(ctx, node, offered, region)
+        if isinstance(trial, str):
+            kept[node] = trial
             continue
         region[node] = trial.out
         ctx.real_padding |= {node, *offered}
@@ -97,7 +104,7 @@ def place_sequence_regions(ctx: Ctx, gm: GraphModule, decisions: dict) -> dict[N
         readers = [u for u in x.users if x in decisions[u].inputs]
         if all(u in region for u in readers):
             ctx.reduced.discard(x)  # reduce-scattered once, at the source
-    return region
+    return region, kept
 
 
 def _sums_fresh_partials(ctx: Ctx, decisions: dict, node: Node) -> bool:
@@ -115,9 +122,9 @@ def _sums_fresh_partials(ctx: Ctx, decisions: dict, node: Node) -> bool:
     return False
 
 
-def _trial(ctx: Ctx, node: Node, offered: dict):
+def _trial(ctx: Ctx, node: Node, offered: dict, region: dict):
     """The node's decision with ``offered`` placements on its inputs, if it keeps them and a
-    ``Shard`` output; else ``None``."""
+    ``Shard`` output; else why not."""
     pl = ctx.placements
     saved = {x: pl.get(x) for x in offered}
     real = ctx.real_padding
@@ -127,19 +134,22 @@ def _trial(ctx: Ctx, node: Node, offered: dict):
     ctx.reduced.difference_update(saved_reduced)
     try:
         dec = rule_for(node)(ctx, node)
-    except Unsupported:
-        return None
-    except Exception:  # a rule's own failure on an unusual input: the node stays as it was
-        return None
+    except Unsupported as e:
+        return f"not on a sequence shard: {e.reason}"
+    except Exception as e:  # a rule's own failure on an unusual input: the node stays as it was
+        return f"not on a sequence shard: its placement rule failed ({type(e).__name__}: {e})"
     finally:
         ctx.real_padding = real
         pl.update(saved)
         ctx.reduced.update(saved_reduced)
     out = dec.out
-    if (not isinstance(out, Shard) or out.chunks != 1 or out.pieces or dec.role is not None
-            or any(dec.inputs.get(x, p) != p for x, p in offered.items())
-            or any(isinstance(p, Partial) for p in dec.inputs.values())):
-        return None
+    if not isinstance(out, Shard) or out.chunks != 1 or out.pieces or dec.role is not None:
+        return f"its rule places its output {out!r} ({dec.why}), not on a sequence shard"
+    if any(dec.inputs.get(x, p) != p for x, p in offered.items()) or any(
+            isinstance(p, Partial) for p in dec.inputs.values()):
+        return f"its rule asks for its inputs otherwise ({dec.why})"
+    if any(x not in region and write_visible(x, node) for x in mutated_args(node)):
+        return "it writes in place into a tensor outside the region (the write would land in a copy)"
     return dec
 
 

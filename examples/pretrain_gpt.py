@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(autotp.shard(activation_checkpointing=True))")
     g.add_argument("--activations-checkpoint-method", choices=["uniform"], default=None,
                    help="Megatron's spelling of --recompute-activations")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard the norms, dropouts and residual adds between the parallel blocks along the sequence "
+                        "(autotp.shard(sequence_parallel=True)): 1/world of those activations per rank")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
                    help="pad the vocabulary to a multiple of this (Megatron: 128 x TP; autotp pads unevenly "
                         "split vocabularies itself, so 1 is exact)")
@@ -334,6 +337,8 @@ def main(argv=None) -> None:
     x, y = get_batch(train_ds, 0, args.micro_batch_size, device)
     t0 = time.perf_counter()
     options = {"activation_checkpointing": True} if args.recompute_activations else {}
+    if args.sequence_parallel:
+        options["sequence_parallel"] = True
     # gather_outputs=False: the loop reads only the loss, so the logits stay vocab-sharded
     # (no [batch, seq, vocab] all-gather; the loss is a vocab-parallel cross-entropy)
     sharded = autotp.shard(model, world, example_inputs=(x,),

@@ -1,6 +1,6 @@
 """bench/harness.py on tiny presets: the one benchmark command must not rot.
 
-Runs ``forward`` (every peer, the serial limit included) and ``gather`` at world size 2, and ``kernels``,
+Runs ``forward`` (every peer, the serial limit included), ``gather`` and ``sequence`` at world size 2, and ``kernels``,
 through the command line a person types, and reads the JSON each writes: every peer ran, every sharded
 peer's logits match the unsharded model's, the table names the command that made it.  No timing is
 asserted (this is not a timed test)."""
@@ -47,6 +47,16 @@ def test_gather_matches_all_gather_and_cat(tmp_path):
     res = doc["results"]["2"]
     assert res["equal"] == {"2x8x33": True, "1x4x64": True}
     assert all(p["error"] is None and len(p["times_ms"]) == 2 for rows in res["rows"].values() for p in rows)
+
+
+def test_sequence_runs_every_peer_on_one_loss(tmp_path):
+    doc, text = _harness(tmp_path, "sequence", "--world-sizes", "2", "--small")
+    peers = {p["peer"]: p for p in doc["results"]["2"]["peers"]}
+    assert set(peers) == {"autotp TP", "autotp TP+SP", "DTensor TP", "DTensor TP+SP"}
+    for name, p in peers.items():
+        assert p["error"] is None and len(p["step_s"]) == 1 and p["activation_bytes"] > 0, (name, p)
+        assert abs(p["loss"] - peers["autotp TP"]["loss"]) < 1e-4, (name, p["loss"])  # the same model and batch
+    assert "reduce_scatter" in peers["autotp TP+SP"]["note"] and "activations autotp TP+SP / autotp TP" in text
 
 
 def test_kernels_runs_what_is_registered(tmp_path):

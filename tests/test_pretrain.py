@@ -253,9 +253,11 @@ def test_pretrain_gpt_on_two_ranks(corpus, tmp_path):
     if HAVE_CHECKPOINT:
         assert os.path.exists(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt")
         # resume from iteration 3: iteration, data position, optimizer state and LR restored, so
-        # iterations 4-6 repeat the uninterrupted run
+        # iterations 4-6 repeat the uninterrupted run -- here with --sequence-parallel (the same
+        # parameter shards, so the checkpoint loads; dropout is off, so the losses are the same)
         log2, resumed, _ = _pretrain(corpus, "--train-iters", "6", "--load", str(tmp_path / "ckpt"),
-                                     "--ckpt-step", "3", "--eval-iters", "0")
+                                     "--ckpt-step", "3", "--eval-iters", "0", "--sequence-parallel")
+        assert "reduce_scatter" in log2, log2  # the plan's collectives, printed at start
         assert "resumed from" in log2 and "at iteration 3 (12 samples consumed)" in log2, log2
         assert sorted(resumed) == [4, 5, 6]
         for i in (4, 5, 6):

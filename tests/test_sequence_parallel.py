@@ -177,3 +177,29 @@ def test_options_that_contradict_sequence_parallel_are_refused():
         autotp.ShardConfig(sequence_parallel=True, dynamic=True)
     with pytest.raises(ValueError, match="sequence_parallel=True is for shard"):
         autotp.ShardConfig(sequence_parallel=True).check_for_generation()
+
+
+def test_plan_shows_the_regions_and_what_stayed_out(tmp_path):
+    """One process: the plan's summary, ``plan.json`` (schema-valid) and the HTML report name the
+    sequence-sharded values and, at a region's edge, each node left as it was with why (Llama's k/v
+    projections at 4 ranks with 2 KV heads are whole-weight linears reading the gathered input)."""
+    import json
+
+    import autotp
+    from autotp.report import validate
+
+    model, _ = _models()["llama_gqa"]
+    ids = torch.randint(0, 96, (2, SEQ))
+    plan = autotp.plan(model, 4, example_inputs=(ids,), example_kwargs={"use_cache": False}, sequence_parallel=True)
+    kept = plan.sequence["kept"]
+    assert len(plan.sequence["nodes"]) > 10 and len(kept) == 4, plan.sequence  # k and v of 2 layers
+    assert all("whole weight" in why for why in kept.values()), kept
+    assert f"sequence-parallel: {len(plan.sequence['nodes'])} values" in plan.summary()
+    files = plan.dump(tmp_path)
+    doc = json.loads(open(files["plan.json"]).read())
+    assert validate(doc) == [] and doc["sequence"] == plan.sequence
+    assert any(c["op"] == "reduce_scatter" for c in doc["collectives"])
+    page = open(files["plan.html"]).read()
+    assert "Sequence-parallel regions" in page and all(n in page for n in kept)
+    off = autotp.plan(model, 4, example_inputs=(ids,), example_kwargs={"use_cache": False})
+    assert off.sequence == {} and "reduce_scatter" not in off.counts("forward")
