@@ -101,7 +101,7 @@ def place_sequence_regions(ctx: Ctx, gm: GraphModule, decisions: dict) -> tuple[
         if pad != ZERO:
             ctx.pad_state[node] = pad
     for x in [x for x in ctx.reduced if any(u in region for u in x.users)]:
-        readers = [u for u in x.users if x in decisions[u].inputs]
+        readers = [u for u in x.users if (d := decisions.get(u)) is not None and x in d.inputs]
         if all(u in region for u in readers):
             ctx.reduced.discard(x)  # reduce-scattered once, at the source
     return region, kept
