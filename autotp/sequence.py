@@ -188,8 +188,9 @@ gather_to_region_op.register_autograd(_gather_backward, setup_context=_save_gath
 
 # ---- the modules lowering inserts ---------------------------------------------------------------
 
-class ReduceScatter(_Collective):
-    """forward: reduce-scatter of a partial sum to ``Shard(dim)``; backward: all-gather."""
+class _SequenceRows(_Collective):
+    """A module that takes a value onto this rank's sequence rows along ``dim``: eager (the autograd
+    function when a gradient is needed) or traced (the ``torch.library`` op)."""
 
     def __init__(self, dim: int, comm: Communicator):
         super().__init__(comm)
@@ -199,34 +200,30 @@ class ReduceScatter(_Collective):
         if self.world_size == 1:
             return x
         if torch.compiler.is_compiling():
-            return reduce_scatter_op(x, self.dim, self.comm.name, True)
+            return self._traced(x, self.dim, self.comm.name)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _ReduceScatterFn.apply(x, self.dim, self.comm)
-        return reduce_scatter(x, self.dim, self.comm, edge=True)
+            return self._autograd.apply(x, self.dim, self.comm)
+        return self._eager(x, self.dim, self.comm)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
 
-class SequenceSlice(_Collective):
+class ReduceScatter(_SequenceRows):
+    """forward: reduce-scatter of a partial sum to ``Shard(dim)``; backward: all-gather."""
+
+    _traced = staticmethod(lambda x, dim, comm: reduce_scatter_op(x, dim, comm, True))
+    _autograd = _ReduceScatterFn
+    _eager = staticmethod(lambda x, dim, comm: reduce_scatter(x, dim, comm, edge=True))
+
+
+class SequenceSlice(_SequenceRows):
     """forward: this rank's sequence rows of a replicated value (last row copied into the padding;
     no communication); backward: all-gather of the gradient."""
 
-    def __init__(self, dim: int, comm: Communicator):
-        super().__init__(comm)
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return x
-        if torch.compiler.is_compiling():
-            return sequence_slice_op(x, self.dim, self.comm.name)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _SequenceSliceFn.apply(x, self.dim, self.comm)
-        return sequence_slice(x, self.dim, self.comm)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+    _traced = staticmethod(lambda x, dim, comm: sequence_slice_op(x, dim, comm))
+    _autograd = _SequenceSliceFn
+    _eager = staticmethod(sequence_slice)
 
 
 # ---- the gathered input is not kept for backward: each rank keeps its shard and gathers again ------
