@@ -148,6 +148,9 @@ def _trial(ctx: Ctx, node: Node, offered: dict, region: dict):
     if any(dec.inputs.get(x, p) != p for x, p in offered.items()) or any(
             isinstance(p, Partial) for p in dec.inputs.values()):
         return f"its rule asks for its inputs otherwise ({dec.why})"
+    if any(isinstance(p, Shard) and param_of(x) is not None for x, p in dec.inputs.items()):
+        # (a parameter's shard pads with zeros, not with a copy of its last row: the padding checks would apply)
+        return "it would shard a parameter along the sequence"
     if any(x not in region and write_visible(x, node) for x in mutated_args(node)):
         return "it writes in place into a tensor outside the region (the write would land in a copy)"
     return dec

@@ -203,3 +203,29 @@ def test_plan_shows_the_regions_and_what_stayed_out(tmp_path):
     assert "Sequence-parallel regions" in page and all(n in page for n in kept)
     off = autotp.plan(model, 4, example_inputs=(ids,), example_kwargs={"use_cache": False})
     assert off.sequence == {} and "reduce_scatter" not in off.counts("forward")
+
+
+class _PositionParam(torch.nn.Module):
+    """Two MLP blocks with a learned position table added between them (a parameter as long as the sequence)."""
+
+    def __init__(self, seq=SEQ, hidden=16):
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.randn(1, seq, hidden))
+        self.up1, self.down1 = torch.nn.Linear(hidden, 32), torch.nn.Linear(32, hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
+        self.up2, self.down2 = torch.nn.Linear(hidden, 32), torch.nn.Linear(32, hidden)
+
+    def forward(self, x):
+        h = x + self.down1(torch.relu(self.up1(x))) + self.pos
+        return h + self.down2(torch.relu(self.up2(self.norm(h))))
+
+
+def test_a_parameter_is_never_sharded_along_the_sequence():
+    """A parameter sliced along the sequence would pad with zeros, not with a copy of its last row,
+    which the region's padding argument needs: the node reading it stays out, and says why."""
+    import autotp
+
+    plan = autotp.plan(_PositionParam(), 2, example_inputs=(torch.randn(2, SEQ, 16),), sequence_parallel=True)
+    assert repr(plan.parameters["pos"].placement) == "R", plan.parameters["pos"]
+    assert any("shard a parameter along the sequence" in why for why in plan.sequence["kept"].values()), plan.sequence
+    assert plan.sequence["nodes"], plan.sequence  # the norm between the blocks is still sequence-sharded
