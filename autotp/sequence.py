@@ -26,6 +26,7 @@ and every gather trims the padding.  Each kind exists as an autograd function (e
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -228,14 +229,18 @@ class SequenceSlice(_SequenceRows):
 
 # ---- the gathered input is not kept for backward: each rank keeps its shard and gathers again ------
 
-_GATHERED = WeakTensorKeyDictionary()  # a gather's output -> (the shard it was gathered from, dim, size, comm)
+# a gather's output -> (a key of its own, the shard it was gathered from, dim, size, comm).  The key is a
+# counter, never ``id()``: a freed output's id is reused by a later one, and ranks would then disagree on
+# which unpack gathers -- a hang, or another layer's activations
+_GATHERED = WeakTensorKeyDictionary()
+_KEYS = itertools.count()
 
 
 class _Regather:
     """What autograd keeps of a gathered tensor (or a view of one): the shard, gathered again when unpacked."""
 
     def __init__(self, base, view):
-        self.key, (self.shard, self.dim, self.size, self.comm) = id(base), _GATHERED[base]
+        self.key, self.shard, self.dim, self.size, self.comm = _GATHERED[base]
         self.geometry = (view.size(), view.stride(), view.storage_offset())
 
 
@@ -247,7 +252,7 @@ class regather_in_backward(torch.autograd.graph.saved_tensors_hooks):
     Autograd unpacks in the same order on every rank, so the ranks issue the re-gathers alike."""
 
     def __init__(self):
-        self.cache: dict[int, list] = {}  # base id -> [gathered tensor, unpacks left]
+        self.cache: dict[int, list] = {}  # base key -> [gathered tensor, unpacks left]
         self.packs: dict[int, int] = {}
         super().__init__(self._pack, self._unpack)
 
@@ -288,7 +293,7 @@ class GatherToRegion(_Collective):
             return gather_to_region_op(x, self.dim, self.global_size, self.comm.name, True)
         if torch.is_grad_enabled() and x.requires_grad:
             out = _GatherToRegionFn.apply(x, self.dim, self.global_size, self.comm)
-            _GATHERED[out] = (x.detach(), self.dim, self.global_size, self.comm)  # (regather_in_backward)
+            _GATHERED[out] = (next(_KEYS), x.detach(), self.dim, self.global_size, self.comm)  # (regather_in_backward)
             return out
         return _gather(x, self.dim, 1, self.global_size, self.comm).contiguous()
 
