@@ -1,7 +1,8 @@
 """Run a function on N gloo ranks with torch.multiprocessing, collecting each rank's return value.
 
 Ranks are spawned processes with ``OMP_NUM_THREADS=1``; a rank that raises makes
-``run_ranks`` raise with that rank's traceback (no hang: the others are killed).  A rank
+``run_ranks`` raise with that rank's traceback (no hang: the others are killed), and so do
+ranks that have not finished after ``RANKS_TIMEOUT_S``.  A rank
 that wrote its result and then died on the way out (a signal during interpreter teardown)
 still counts: every rank's result file decides.
 """
@@ -10,11 +11,15 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+RANKS_TIMEOUT_S = 900  # the slowest spawn of the suite (every model case at world 4, loaded) takes a few minutes
 
 
 def _entry(rank, world, fn, args, init_file, out_dir):
@@ -39,7 +44,15 @@ def run_ranks(fn, world_size: int, *args) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         try:
-            mp.spawn(_entry, args=(world_size, fn, args, init_file, tmp), nprocs=world_size, join=True)
+            ctx = mp.spawn(_entry, args=(world_size, fn, args, init_file, tmp), nprocs=world_size, join=False)
+            deadline = time.monotonic() + RANKS_TIMEOUT_S
+            while not ctx.join(timeout=5):
+                if time.monotonic() > deadline:  # a hang must fail the test, not stall the suite
+                    for p in ctx.processes:
+                        p.kill()
+                    what = getattr(fn, "__name__", fn)
+                    raise RuntimeError(f"{what} on {world_size} ranks did not finish in {RANKS_TIMEOUT_S} s "
+                                       "(a hang: ranks waiting in different collectives?)")
         except Exception as spawn_error:
             errors, done = [], 0
             for r in range(world_size):
