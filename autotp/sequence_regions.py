@@ -41,7 +41,6 @@ from .patterns import (grouped_weight, is_tensor_node, linear_weight, mutated_ar
                        write_visible)
 from .placements import Partial, Replicate, Shard
 from .rules import Ctx, Unsupported, rule_for
-from .rules.padding import ZERO
 from .sequence import SequenceSlice  # noqa: F401  (importing it adds the region's kinds to REDISTRIBUTIONS)
 
 R = Replicate()
@@ -62,7 +61,8 @@ def _floating(x: Node) -> bool:
 def place_sequence_regions(ctx: Ctx, gm: GraphModule, decisions: dict) -> tuple[dict[Node, Shard], dict[Node, str]]:
     """Re-place the regions between blocks on ``Shard(seq)`` (see the module docstring); returns
     each region node's placement, and why each node at a region's edge stayed as it was.  Updates
-    ``decisions``, ``ctx.placements``, ``ctx.reduced`` and ``ctx.pad_state`` in place."""
+    ``decisions``, ``ctx.placements``, ``ctx.reduced`` and ``ctx.real_padding`` in place (a region
+    value's padding copies a real row, so no padding state is tracked for it)."""
     pl = ctx.placements
     region: dict[Node, Shard] = {}
     kept: dict[Node, str] = {}
@@ -97,9 +97,6 @@ def place_sequence_regions(ctx: Ctx, gm: GraphModule, decisions: dict) -> tuple[
         decisions[node] = trial
         pl[node] = trial.out
         ctx.reduced.discard(node)
-        pad = trial.pad if trial.pad is not None else max((ctx.pad_of(x) for x in offered), default=ZERO)
-        if pad != ZERO:
-            ctx.pad_state[node] = pad
     for x in [x for x in ctx.reduced if any(u in region for u in x.users)]:
         readers = [u for u in x.users if (d := decisions.get(u)) is not None and x in d.inputs]
         if all(u in region for u in readers):
