@@ -1,4 +1,4 @@
-"""Same-host collectives: all-reduce and all-gather through one shared file mapping.
+"""Same-host collectives: all-reduce, all-gather and reduce-scatter through one shared file mapping.
 
 Tensor-parallel inference on CPU ranks issues a few small collectives per layer
 per token (``[batch, 1, hidden]``).  gloo sends each through the TCP stack; on
@@ -23,12 +23,14 @@ Two implementations speak this protocol over the same mapping:
 
 * the compiled transport ``autotp._samehost`` (``csrc/samehost.cpp``, used when it was
   built): flags are 64-bit atomics with release stores and acquire loads, so it is correct
-  on any architecture; the GIL is released while a rank copies, sums or waits; an
-  all-reduce larger than a slot goes through the slots in pieces (one collective each);
-  and it has the fused all-reduce + residual add + RMSNorm/LayerNorm (``add_norm``);
+  on any architecture; the GIL is released while a rank copies, sums or waits; a
+  message larger than a slot goes through the slots in pieces (one collective each,
+  pipelined over the two sets); it has the reduce-scatter of sequence parallelism (each rank
+  reads only its own rows from every slot) and the fused all-reduce + residual add +
+  RMSNorm/LayerNorm (``add_norm``);
 * the Python/numpy fallback: data is published before its flag with plain stores, which
-  x86-64 keeps in order, so it is used on x86-64 only; messages larger than a slot fall
-  back to the process group.
+  x86-64 keeps in order, so it is used on x86-64 only; messages larger than a slot, and
+  reduce-scatters, go through the process group.
 
 Both sum in rank order; bfloat16 and float16 are summed in float32 and rounded once per
 element, so the two give bitwise-identical results.
@@ -38,6 +40,7 @@ instead of spinning forever.
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -59,6 +62,11 @@ def _dtype_code(ext, dtype: torch.dtype) -> int | None:
     """The compiled transport's code for ``dtype`` (``None``: it does not sum that dtype)."""
     return {torch.float32: ext.F32, torch.float64: ext.F64, torch.bfloat16: ext.BF16, torch.float16: ext.F16,
             torch.int32: ext.I32, torch.int64: ext.I64}.get(dtype)
+
+
+def _around(x: torch.Tensor, dim: int) -> tuple[int, int]:
+    """``(outer, inner)``: the element counts of ``x``'s dims before and after ``dim``."""
+    return math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1:])
 
 
 def _x86() -> bool:
@@ -94,7 +102,7 @@ class SameHostComm:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.slot_bytes = slot_bytes
         self.timeout_s = timeout_s
-        self.counts = {"all_reduce": 0, "all_gather": 0, "fallback": 0}
+        self.counts = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0, "fallback": 0}
         header = 2 * self.world * 8
         total = header + 2 * self.world * slot_bytes
         path = [None]
@@ -197,22 +205,19 @@ class SameHostComm:
     def gather_into(self, x: torch.Tensor, dim: int, chunks: int, global_size: int) -> torch.Tensor | None:
         """The rank-ordered all-gather of ``Shard(dim, chunks)`` pieces written straight into the global
         layout (padding trimmed): one copy out of the shared slots, no list of parts and no ``cat``.
-        ``None`` when ``x`` does not fit a slot (the caller gathers through the process group)."""
-        if not self.fits(x):
+        The C++ transport sends a piece larger than a slot in whole rows (one row along ``dim`` must
+        fit a slot); ``None`` where a piece does not fit (the caller gathers through the process group)."""
+        dim = dim % x.dim()
+        outer, inner = _around(x, dim)
+        if x.device.type != "cpu" or (self._cpp is None and not self.fits(x)) or inner * x.element_size() > self.slot_bytes:
             return None
         shape = list(x.shape)
         shape[dim] = global_size
         out = x.new_empty(shape)
         if self._cpp is not None:
             xc = x.contiguous()
-            dim = dim % x.dim()
-            outer = 1
-            for d in x.shape[:dim]:
-                outer *= d
-            inner = x.element_size()
-            for d in x.shape[dim + 1:]:
-                inner *= d
-            self._call(self._cpp.gather, out.data_ptr(), xc.data_ptr(), outer, x.shape[dim], inner, chunks, global_size)
+            self._call(self._cpp.gather, out.data_ptr(), xc.data_ptr(), outer, x.shape[dim], inner * x.element_size(),
+                       chunks, global_size)
             self.counts["all_gather"] += 1
             return out
         parts, seq = self._exchange(x)
@@ -229,6 +234,26 @@ class SameHostComm:
                     out.narrow(dim, (c * self.world + r) * block, block).copy_(p.narrow(dim, c * block, block))
         self._flags[1, self.rank] = seq
         self.counts["all_gather"] += 1
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor | None:
+        """The sum over the ranks of ``x`` (``world * n`` rows along ``dim``, padding included), keeping
+        this rank's ``n`` rows ``[rank * n, (rank + 1) * n)``, summed in rank order.  C++ transport only,
+        any size (in pieces of whole rows; ``world`` rows must fit a slot); ``None`` where it does not
+        apply (the caller reduce-scatters through the process group)."""
+        dim = dim % x.dim()
+        code = _dtype_code(self._ext, x.dtype) if self._cpp is not None else None
+        outer, inner = _around(x, dim)
+        if code is None or x.device.type != "cpu" or self.world * inner * x.element_size() > self.slot_bytes:
+            return None
+        if x.shape[dim] % self.world:
+            raise ValueError(f"SameHostComm.reduce_scatter: {x.shape[dim]} rows along dim {dim} do not split over "
+                             f"{self.world} ranks (pad them first)")
+        n = x.shape[dim] // self.world
+        xc = x.contiguous()
+        out = x.new_empty((*x.shape[:dim], n, *x.shape[dim + 1:]))
+        self._call(self._cpp.reduce_scatter, out.data_ptr(), xc.data_ptr(), outer, n, inner, code)
+        self.counts["reduce_scatter"] += 1
         return out
 
     def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -58,12 +58,14 @@ def pad_rows(x: torch.Tensor, dim: int, pad: int, edge: bool) -> torch.Tensor:
 
 def reduce_scatter(x: torch.Tensor, dim: int, comm: Communicator, edge: bool = False) -> torch.Tensor:
     """Sum ``x`` over the ranks and keep this rank's ``Shard(dim)`` rows (``ceil(size / world)`` of
-    them, padded at the end with copies of the last row (``edge``) or zeros): one c10d
-    ``reduce_scatter_tensor``."""
+    them, padded at the end with copies of the last row (``edge``) or zeros): through shared memory
+    where the same-host transport carries it, else one c10d ``reduce_scatter_tensor``."""
     dim = dim % x.dim()
     world, size = comm.world_size, x.shape[dim]
     n = math.ceil(size / world)
     x = pad_rows(x, dim, world * n - size, edge)
+    if comm.same_host is not None and (out := comm.same_host.reduce_scatter(x, dim)) is not None:
+        return out
     whole = x.movedim(dim, 0).contiguous()  # the ranks' parts: consecutive blocks of rows
     out = whole.new_empty((n, *whole.shape[1:]))
     comm.wait(_reduce_scatter(out, whole, group=comm.group, async_op=True), "reduce_scatter", whole)

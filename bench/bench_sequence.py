@@ -13,6 +13,9 @@ same seeded batch:
 
 * ``autotp TP``: ``autotp.shard(model, example_kwargs={"labels": ids, ...}, gather_outputs=False)``;
 * ``autotp TP+SP``: the same with ``sequence_parallel=True``;
+* ``autotp TP shm`` / ``autotp TP+SP shm`` (``autotp-shm``, ``autotp-sp-shm``): the two with
+  ``same_host_collectives=True`` -- every collective forward and backward through shared memory (all-reduce,
+  reduce-scatter, all-gather) instead of gloo: what a user runs on one CPU host;
 * ``DTensor TP``: ``parallelize_module`` with ``harness.dtensor_plan`` (Colwise/Rowwise, vocab-parallel
   embedding), logits a vocab-sharded DTensor, ``F.cross_entropy`` under ``loss_parallel()``;
 * ``DTensor TP+SP``: torchtitan's plan shape -- ``SequenceParallel`` on the norms, ``PrepareModuleInput``
@@ -55,8 +58,8 @@ def add_args(p):
     p.add_argument("--batch", default="4x1024", help="BATCHxSEQ of the training batch")
     p.add_argument("--iters", type=int, default=2, help="timed rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--peers", default="autotp,autotp-sp,dtensor,dtensor-sp",
-                   help="comma-separated subset of autotp, autotp-sp, dtensor, dtensor-sp")
+    p.add_argument("--peers", default="autotp,autotp-sp,autotp-shm,autotp-sp-shm,dtensor,dtensor-sp",
+                   help="comma-separated subset of autotp, autotp-sp, autotp-shm, autotp-sp-shm, dtensor, dtensor-sp")
     p.add_argument("--small", action="store_true", help="smoke config: llama-tiny, batch 2x64, 1 timed round")
 
 
@@ -127,8 +130,8 @@ def build_peers(a, mesh, ref, ids):
     shift = F.pad(ids, (0, 1), value=-100)[:, 1:].reshape(-1)  # HF's ForCausalLMLoss, for the DTensor peers
     pos = torch.arange(a.seq)[None]
     peers = []
-    for key, name in (("autotp", "autotp TP"), ("autotp-sp", "autotp TP+SP"), ("dtensor", "DTensor TP"),
-                      ("dtensor-sp", "DTensor TP+SP")):
+    for key, name in (("autotp", "autotp TP"), ("autotp-sp", "autotp TP+SP"), ("autotp-shm", "autotp TP shm"),
+                      ("autotp-sp-shm", "autotp TP+SP shm"), ("dtensor", "DTensor TP"), ("dtensor-sp", "DTensor TP+SP")):
         if key not in a.peer_list:
             continue
         p = Peer(name)
@@ -137,7 +140,8 @@ def build_peers(a, mesh, ref, ids):
         def build(p=p, key=key):
             if key.startswith("autotp"):
                 s = autotp.shard(ref, H.WORLD, example_inputs=(ids,), example_kwargs=labels, gather_outputs=False,
-                                 sequence_parallel=key == "autotp-sp")
+                                 sequence_parallel=key.startswith("autotp-sp"),
+                                 same_host_collectives=key.endswith("-shm"))
                 c = s.plan.counts
                 p.note = ("fwd: " + ", ".join(f"{k} x{v}" for k, v in c("forward").items()) + "; bwd: " +
                           ", ".join(f"{k} x{v}" for k, v in c("backward").items()))
@@ -261,10 +265,12 @@ def report_text(a, pre, peers) -> str:
         return statistics.median(p.times) if p and p.times else None
 
     sp, tp, dsp = by.get("autotp TP+SP"), by.get("autotp TP"), by.get("DTensor TP+SP")
-    if sp and tp:
-        out += [ratio(sp.act, tp.act, "activations autotp TP+SP / autotp TP", 0.7),
-                ratio(sp.peak, tp.peak, "step peak autotp TP+SP / autotp TP"),
-                ratio(med(sp), med(tp), "step time autotp TP+SP / autotp TP", 1.05)]
+    for suffix in ("", " shm"):
+        sp_, tp_ = by.get("autotp TP+SP" + suffix), by.get("autotp TP" + suffix)
+        if sp_ and tp_:
+            out += [ratio(sp_.act, tp_.act, f"activations autotp TP+SP{suffix} / autotp TP{suffix}", 0.7),
+                    ratio(sp_.peak, tp_.peak, f"step peak autotp TP+SP{suffix} / autotp TP{suffix}"),
+                    ratio(med(sp_), med(tp_), f"step time autotp TP+SP{suffix} / autotp TP{suffix}", 1.05)]
     if sp and dsp:
         out += [ratio(sp.act, dsp.act, "activations autotp TP+SP / DTensor TP+SP"),
                 ratio(med(sp), med(dsp), "step time autotp TP+SP / DTensor TP+SP")]

@@ -300,54 +300,88 @@ class Transport {
     const int64_t per = slot_bytes_ / es;
     char* data = reinterpret_cast<char*>(ptr);
     py::gil_scoped_release nogil;
-    const int64_t pieces = numel == 0 ? 1 : (numel + per - 1) / per;
-    // pipelined over the two sets of slots: piece k + 1 is published (into the other set) before
-    // piece k is summed, so a rank copies while the others catch up instead of waiting once per piece
-    auto start = [&](int64_t k) {
-      const int64_t off = k * per, n = std::min(per, numel - off);
-      return post(data + off * es, n * es);
-    };
-    int64_t s = start(0);
-    for (int64_t k = 0; k < pieces; ++k) {
-      const int64_t next = k + 1 < pieces ? start(k + 1) : 0;
-      wait_all(written(), s, s);
-      const int64_t off = k * per, n = std::min(per, numel - off);
-      sum_dispatch(data + off * es, slot_set(s), 0, n, dtype);
-      done(s);
-      s = next;
-    }
-    return pieces;
+    return pipelined(numel, per, [&](int64_t q0, int64_t m) { return post(data + q0 * es, m * es); },
+                     [&](int64_t s, int64_t q0, int64_t q1) { sum_dispatch(data + q0 * es, slot_set(s), 0, q1 - q0, dtype); });
   }
 
   // the all-gather of Shard(dim, chunks) pieces straight into the global layout.  This rank's
   // piece is [outer, n, inner_bytes] (n along the sharded dim); the output is
   // [outer, global_size, inner_bytes]; rank r's chunk c lands at (c * world + r) * (n / chunks)
-  // along that dim, trimmed at global_size (padding).  Needs the piece to fit one slot.
-  void gather(uintptr_t out_ptr, uintptr_t in_ptr, int64_t outer, int64_t n, int64_t inner_bytes, int64_t chunks,
-              int64_t global_size) {
+  // along that dim, trimmed at global_size (padding).  A piece larger than a slot goes through
+  // the slots in whole rows (one collective each, pipelined as all_reduce's); one row of
+  // inner_bytes must fit a slot.  Returns the number of collectives.
+  int64_t gather(uintptr_t out_ptr, uintptr_t in_ptr, int64_t outer, int64_t n, int64_t inner_bytes, int64_t chunks,
+                 int64_t global_size) {
     if (chunks < 1 || n % chunks != 0)
       throw std::invalid_argument("autotp._samehost.gather: " + std::to_string(n) + " rows do not split into " +
                                   std::to_string(chunks) + " chunks");
-    const int64_t nbytes = outer * n * inner_bytes;
-    if (nbytes > slot_bytes_)
-      throw std::invalid_argument("autotp._samehost.gather: " + std::to_string(nbytes) + " bytes exceed the " +
-                                  std::to_string(slot_bytes_) + "-byte slot (gather through the process group)");
+    if (inner_bytes > slot_bytes_)
+      throw std::invalid_argument("autotp._samehost.gather: a row of " + std::to_string(inner_bytes) +
+                                  " bytes exceeds the " + std::to_string(slot_bytes_) +
+                                  "-byte slot (gather through the process group)");
     char* out = reinterpret_cast<char*>(out_ptr);
+    const char* in = reinterpret_cast<const char*>(in_ptr);
+    const int64_t rows = outer * n, block = n / chunks;
+    const int64_t per = inner_bytes == 0 ? std::max<int64_t>(rows, 1) : slot_bytes_ / inner_bytes;
     py::gil_scoped_release nogil;
-    const int64_t s = publish(reinterpret_cast<const char*>(in_ptr), nbytes);
-    const auto parts = slot_set(s);
-    const int64_t block = n / chunks;
-    for (int r = 0; r < world_; ++r) {
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t at = (c * world_ + r) * block;
-        const int64_t take = std::max<int64_t>(0, std::min(block, global_size - at));
-        if (take == 0) continue;
-        for (int64_t o = 0; o < outer; ++o)
-          std::memcpy(out + (o * global_size + at) * inner_bytes, parts[r] + (o * n + c * block) * inner_bytes,
-                      take * inner_bytes);
+    // rows [q0, q1) of every rank's piece, from the slots into the global layout, in runs that stay
+    // within one outer index and one chunk (contiguous on both sides)
+    auto place = [&](int64_t s, int64_t q0, int64_t q1) {
+      const auto parts = slot_set(s);
+      for (int r = 0; r < world_; ++r) {
+        for (int64_t q = q0; q < q1;) {
+          const int64_t o = q / n, i = q % n, c = i / block, j = i % block;
+          const int64_t run = std::min({q1 - q, block - j});
+          const int64_t at = (c * world_ + r) * block + j;
+          const int64_t take = std::max<int64_t>(0, std::min(run, global_size - at));
+          if (take > 0)
+            std::memcpy(out + (o * global_size + at) * inner_bytes, parts[r] + (q - q0) * inner_bytes,
+                        take * inner_bytes);
+          q += run;
+        }
       }
-    }
-    done(s);
+    };
+    return pipelined(rows, per, [&](int64_t q0, int64_t m) {
+      return post(in + q0 * inner_bytes, m * inner_bytes);
+    }, place);
+  }
+
+  // Sum over the ranks of their [outer, world * n, inner] inputs (n rows per rank along the
+  // middle dim, inner elements each), keeping this rank's rows: out is [outer, n, inner], rank r
+  // gets rows [r * n, (r + 1) * n) summed in rank order.  Each rank publishes every rank's rows of
+  // a piece and reads only its own from every slot: half an all-reduce's reads at world 2.  In
+  // pieces of whole rows, pipelined; world rows of inner elements must fit a slot.  Returns the
+  // number of collectives.
+  int64_t reduce_scatter(uintptr_t out_ptr, uintptr_t in_ptr, int64_t outer, int64_t n, int64_t inner, int dtype) {
+    const int64_t es = dtype_size(dtype);
+    const int64_t row_bytes = inner * es;
+    if (row_bytes * world_ > slot_bytes_)
+      throw std::invalid_argument("autotp._samehost.reduce_scatter: " + std::to_string(world_) + " rows of " +
+                                  std::to_string(row_bytes) + " bytes exceed the " + std::to_string(slot_bytes_) +
+                                  "-byte slot (reduce-scatter through the process group)");
+    char* out = reinterpret_cast<char*>(out_ptr);
+    const char* in = reinterpret_cast<const char*>(in_ptr);
+    const int64_t rows = outer * n;
+    const int64_t per = row_bytes == 0 ? std::max<int64_t>(rows, 1) : slot_bytes_ / (row_bytes * world_);
+    py::gil_scoped_release nogil;
+    // a piece's slot holds [rank c's rows q0..q0+m) for c = 0..world-1, each run within one outer index
+    auto publish_piece = [&](int64_t q0, int64_t m) {
+      return post_with([&](char* dst) {
+        for (int c = 0; c < world_; ++c) {
+          char* d = dst + c * m * row_bytes;
+          for (int64_t q = q0; q < q0 + m;) {
+            const int64_t o = q / n, i = q % n, run = std::min(q0 + m - q, n - i);
+            std::memcpy(d + (q - q0) * row_bytes, in + ((o * world_ + c) * n + i) * row_bytes, run * row_bytes);
+            q += run;
+          }
+        }
+      });
+    };
+    auto sum_piece = [&](int64_t s, int64_t q0, int64_t q1) {
+      const int64_t m = q1 - q0;
+      sum_dispatch(out + q0 * row_bytes, slot_set(s), rank_ * m * inner, m * inner, dtype);
+    };
+    return pipelined(rows, per, publish_piece, sum_piece);
   }
 
   // The fused all-reduce + residual add + norm over the last dim (cols) of rows x cols contiguous
@@ -414,6 +448,25 @@ class Transport {
     return s;
   }
 
+  // rows [0, rows) in pieces of at most per rows, one collective each, pipelined over the two sets
+  // of slots: piece k + 1 is posted (post_piece(q0, m) -> its sequence number) before piece k is
+  // read (read_piece(s, q0, q1)), so a rank copies while the others catch up.  At least one
+  // collective, even for no rows, so the ranks' sequence numbers stay in step.
+  template <typename Post, typename Read>
+  int64_t pipelined(int64_t rows, int64_t per, Post&& post_piece, Read&& read_piece) {
+    const int64_t pieces = rows == 0 ? 1 : (rows + per - 1) / per;
+    auto start = [&](int64_t k) { return post_piece(k * per, std::min(per, rows - k * per)); };
+    int64_t s = start(0);
+    for (int64_t k = 0; k < pieces; ++k) {
+      const int64_t next = k + 1 < pieces ? start(k + 1) : 0;
+      wait_all(written(), s, s);
+      read_piece(s, k * per, std::min(rows, (k + 1) * per));
+      done(s);
+      s = next;
+    }
+    return pieces;
+  }
+
   int64_t* written() { return flags_; }
   int64_t* read() { return flags_ + world_; }
   char* slot(int64_t set, int r) { return slots_ + (set * world_ + r) * slot_bytes_; }
@@ -465,10 +518,6 @@ class Transport {
         }
       }
     }
-  }
-
-  int64_t publish(const char* src, int64_t nbytes) {
-    return publish_with([&](char* dst) { std::memcpy(dst, src, nbytes); });
   }
 
   // fill(this rank's slot), then publish it; returns the collective's sequence number
@@ -524,6 +573,8 @@ PYBIND11_MODULE(_samehost, m) {
       .def("all_reduce", &Transport::all_reduce, py::arg("ptr"), py::arg("numel"), py::arg("dtype"))
       .def("gather", &Transport::gather, py::arg("out"), py::arg("x"), py::arg("outer"), py::arg("n"),
            py::arg("inner_bytes"), py::arg("chunks"), py::arg("global_size"))
+      .def("reduce_scatter", &Transport::reduce_scatter, py::arg("out"), py::arg("x"), py::arg("outer"), py::arg("n"),
+           py::arg("inner"), py::arg("dtype"))
       .def("add_norm", &Transport::add_norm, py::arg("x"), py::arg("r"), py::arg("join"), py::arg("w"), py::arg("b"),
            py::arg("s"), py::arg("y"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("eps"),
            py::arg("rms"));

@@ -73,16 +73,58 @@ def _gather_into(rank, world, compiled):
         got = shm.gather_into(x, dim, chunks, global_size)
         if got is None or not torch.equal(got, want):
             bad.append((shape, dim, chunks, global_size))
-    too_big = shm.gather_into(torch.zeros(1 << 19), 0, 1, world << 19)  # 2 MiB > the 1 MiB slot: the caller's
-    return bad, too_big is None, dict(shm.counts)
+    # larger than the 1 MiB slot: the C++ transport sends whole rows in pieces (padded, chunked, a middle dim);
+    # the Python one leaves them to the caller's process group
+    large = []
+    for shape, dim, chunks, global_size in [((1 << 19,), 0, 1, world << 19), ((3, 50_000, 4), 1, 2, 50_000 * world),
+                                            ((3, 50_000, 4), 1, 1, 50_000 * world - 7)]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(rank + 3))
+        got = shm.gather_into(x, dim, chunks, global_size)
+        large.append(None if got is None else torch.equal(got, gather(x, dim, chunks, global_size, plain)))
+    row_too_big = shm.gather_into(torch.zeros(2, 1 << 19), 0, 1, 2 * world)  # one 2 MiB row fits no slot
+    return bad, large, row_too_big is None, dict(shm.counts)
 
 
 @pytest.mark.parametrize("compiled", TRANSPORTS)
 @pytest.mark.parametrize("world", [2, 4])
 def test_gather_into_the_global_layout(world, compiled):
-    for bad, refused, counts in run_ranks(_gather_into, world, compiled):
+    for bad, large, refused, counts in run_ranks(_gather_into, world, compiled):
         assert bad == [] and refused, bad
-        assert counts["all_gather"] == 4, counts
+        assert large == ([True] * 3 if compiled else [None] * 3), large
+        assert counts["all_gather"] == (7 if compiled else 4), counts
+
+
+def _reduce_scatter(rank, world):
+    """The C++ transport's reduce-scatter: this rank's rows of the rank-ordered sum, bitwise what its
+    all-reduce gives (the same summation), for any dim, float32 and bfloat16, pieces larger than a slot."""
+    from autotp.samehost import SameHostComm
+
+    shm = SameHostComm(slot_bytes=1 << 16, compiled=True)
+    results = []
+    for shape, dim in [((world * 3, 5), 0), ((2, world * 7, 3), 1), ((4, world * 1000, 16), 1), ((5, world * 2), -1)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(rank * 7 + len(shape))).to(dtype)
+            got = shm.reduce_scatter(x, dim)
+            n = x.shape[dim] // world
+            want = shm.all_reduce_(x.clone()).narrow(dim, rank * n, n)
+            results.append((shape, dtype, got is not None and got.shape == want.shape and torch.equal(got, want)))
+    wide = shm.reduce_scatter(torch.zeros(world, 1 << 14), 0)  # world rows of 64 KiB fit no 64 KiB slot
+    try:
+        shm.reduce_scatter(torch.zeros(world * 2 + 1, 3), 0)
+        uneven = None
+    except ValueError as e:
+        uneven = str(e)
+    py = SameHostComm(compiled=False).reduce_scatter(torch.zeros(world, 3), 0)
+    return results, wide is None, uneven, py is None, shm.counts["reduce_scatter"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("world", [2, 4])
+def test_reduce_scatter_equals_the_all_reduce_rows(world):
+    for results, wide_refused, uneven, py_refused, count in run_ranks(_reduce_scatter, world):
+        assert all(ok for *_, ok in results), [r for r in results if not r[-1]]
+        assert wide_refused and py_refused and count == 8
+        assert uneven is not None and "do not split over" in uneven, uneven
 
 
 @pytest.mark.parametrize("compiled", TRANSPORTS)
@@ -97,9 +139,9 @@ def test_same_host_collectives_match_gloo(world, compiled):
             assert reduced_ok and gathered_ok, (n, dtype)
     counts = results[0][-1][1]
     if compiled:  # the fp32 300k all-reduce went through the slots in two pieces; its all-gather to gloo
-        assert counts == {"all_reduce": 8, "all_gather": 7, "fallback": 1}, counts
+        assert counts == {"all_reduce": 8, "all_gather": 7, "reduce_scatter": 0, "fallback": 1}, counts
     else:  # fp32 300k went to gloo
-        assert counts == {"all_reduce": 7, "all_gather": 7, "fallback": 2}, counts
+        assert counts == {"all_reduce": 7, "all_gather": 7, "reduce_scatter": 0, "fallback": 2}, counts
     # every rank got the bitwise-same sum (generation relies on identical logits)
     for i, row in enumerate(results[0]):
         if row[0] != "counts":
@@ -129,8 +171,8 @@ def test_generation_over_same_host_collectives():
         assert same
         # prefill + 4 decode steps, each 5 all-reduces (2 per layer + the vocab-parallel embedding)
         # and 1 logits gather; then one more step, all of it through shared memory
-        assert after_generate == {"all_reduce": 25, "all_gather": 5, "fallback": 0}, after_generate
-        assert after_step == {"all_reduce": 30, "all_gather": 6, "fallback": 0}, after_step
+        assert after_generate == {"all_reduce": 25, "all_gather": 5, "reduce_scatter": 0, "fallback": 0}, after_generate
+        assert after_step == {"all_reduce": 30, "all_gather": 6, "reduce_scatter": 0, "fallback": 0}, after_step
         assert c10d == 0, c10d
 
 
@@ -198,8 +240,8 @@ def test_compiled_transport_equals_python_bitwise_and_gloo(world):
         for dtype, n, same_as_python, gloo_ok, gather_ok, _ in rows:
             assert same_as_python and gloo_ok, (dtype, n, same_as_python, gloo_ok)
             assert gather_ok or n == 60_000, (dtype, n)  # 60k elements gather through gloo (larger than a slot)
-        assert cpp_counts == {"all_reduce": 12, "all_gather": 8, "fallback": 4}, cpp_counts
-        assert py_counts == {"all_reduce": 12, "all_gather": 0, "fallback": 0}, py_counts
+        assert cpp_counts == {"all_reduce": 12, "all_gather": 8, "reduce_scatter": 0, "fallback": 4}, cpp_counts
+        assert py_counts == {"all_reduce": 12, "all_gather": 0, "reduce_scatter": 0, "fallback": 0}, py_counts
     for i in range(len(results[0][0])):  # every rank holds the bitwise-same sum
         assert all(torch.equal(r[0][i][5], results[0][0][i][5]) for r in results)
 
@@ -207,7 +249,8 @@ def test_compiled_transport_equals_python_bitwise_and_gloo(world):
 def _stress(rank, world, rounds):
     """Back-to-back collectives of changing sizes whose values name their round: a stale slot (the
     previous round's data read after the flag said it was new) or a torn one (half old, half new)
-    shows as a wrong integer; sizes above the 64 KiB slot go through it in pieces."""
+    shows as a wrong integer; sizes above the 64 KiB slot go through it in pieces (all-reduce, reduce-scatter,
+    gather into the layout)."""
     from autotp.samehost import SameHostComm
 
     comm = SameHostComm(slot_bytes=64 << 10, compiled=True)
@@ -224,6 +267,11 @@ def _stress(rank, world, rounds):
             parts = comm.all_gather(x)
             if not all(torch.equal(p, x - rank + r) for r, p in enumerate(parts)):
                 bad.append(("all_gather", k, n))
+        # every rank's rows of [x, x, ...] sum to want; the gather lays the ranks' x end to end
+        if not torch.equal(comm.reduce_scatter(x.repeat(world), 0), want):
+            bad.append(("reduce_scatter", k, n))
+        if not torch.equal(comm.gather_into(x, 0, 1, world * n), torch.cat([x - rank + r for r in range(world)])):
+            bad.append(("gather_into", k, n))
     return bad, dict(comm.counts)
 
 
@@ -233,7 +281,8 @@ def test_compiled_transport_store_ordering_stress(world):
     rounds = 400
     for bad, counts in run_ranks(_stress, world, rounds):
         assert bad == [], bad[:10]
-        assert counts["all_reduce"] == rounds and counts["all_gather"] == rounds // 8 * 6, counts
+        assert counts["all_reduce"] == rounds == counts["reduce_scatter"], counts
+        assert counts["all_gather"] == rounds // 8 * 6 + rounds, counts
 
 
 def _fused_vs_composite(rank, world):
@@ -351,7 +400,7 @@ def test_models_with_fused_allreduce_norm(world):
                 assert len(fusions) == (5 if on else 0), (name, on, fusions)
                 assert all(f["kind"] == "allreduce_add_norm" for f in fusions)
                 assert fused_calls == (10 if on else 0), (name, on, fused_calls)  # two forwards without autograd
-                assert counts == {"all_reduce": 10, "all_gather": 2, "fallback": 0}, (name, on, counts)
+                assert counts == {"all_reduce": 10, "all_gather": 2, "reduce_scatter": 0, "fallback": 0}, (name, on, counts)
                 assert c10d == 0, (name, on, c10d)
                 same, plan_fusions, gen_fused, gen_counts = res[name, requested, "generate"]
                 assert same, (name, on)

@@ -9,7 +9,9 @@ T5's encoder -- against the unsharded model built from the same weights (dropout
   the vocab-parallel embedding), an all-gather before each column-parallel input (and the LM
   head), the counts derived below from the model's structure;
 * the regions between blocks hold 1/world of the sequence: an uneven length (7) is padded and
-  trimmed.
+  trimmed;
+* with ``same_host_collectives=True`` (Llama, NeoX) the same step is exact and every planned
+  collective runs once, every reduce-scatter and all-gather through shared memory.
 """
 from __future__ import annotations
 
@@ -76,6 +78,21 @@ def _run(rank: int, world: int) -> dict:
             "plan_fwd": plan.counts("forward"), "plan_bwd": plan.counts("backward"),
             "sequence_nodes": sum(1 for d in plan.nodes.values() if d.why.startswith("sequence-parallel")),
         }
+        if name in SAME_HOST:  # the same step through shared memory: every sum-collective leaves gloo
+            shm = autotp.shard(model, world, example_inputs=(ids,), example_kwargs=kw, sequence_parallel=True,
+                               same_host_collectives=True)
+            with torch.no_grad():
+                shm(ids, **kw)  # (the first call's input check)
+            before = dict(shm.comm.same_host.counts)
+            with CommDebugMode() as comm:
+                out = shm(ids, **kw)
+                (out.loss if lm else out.last_hidden_state).sum().backward()
+            out_t = out.loss if lm else out.last_hidden_state
+            res[name]["shm"] = {
+                "out_err": (out_t - ref_out).abs().max().item() / max(1.0, ref_out.abs().max().item()),
+                "grad_err": _grad_errors(shm, model, world, rank),
+                "c10d": {C10D[k]: v for k, v in _counts(comm).items()},
+                "transport": {k: v - before[k] for k, v in shm.comm.same_host.counts.items()}}
     return res
 
 
@@ -95,6 +112,7 @@ EXPECTED = {
     "t5_encoder": {"reduce_scatter": 5, "all_gather": 5},
 }
 C10D = {"_reduce_scatter_base": "reduce_scatter", "allgather": "all_gather", "allreduce": "all_reduce"}
+SAME_HOST = ("llama_gqa", "neox_parallel")  # also run with same_host_collectives=True
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -107,6 +125,17 @@ def test_sequence_parallel_exact_and_counted(name, world):
         assert m["plan_fwd"] == EXPECTED[name], m
         assert {C10D[k]: v for k, v in m["fwd"].items()} == m["plan_fwd"], m
         assert {C10D[k]: v for k, v in m["bwd"].items()} == m["plan_bwd"], m
+        if name in SAME_HOST:
+            shm = m["shm"]
+            assert shm["out_err"] <= 1e-5 and shm["grad_err"] <= 1e-5, shm
+            # the plan's collectives, forward and backward, each ran once: through shared memory, or through gloo
+            # (the cross-entropy's max all-reduce; a column-parallel linear's asynchronous input-gradient all-reduce)
+            planned = {k: m["plan_fwd"].get(k, 0) + m["plan_bwd"].get(k, 0) for k in ("reduce_scatter", "all_gather",
+                                                                                      "all_reduce")}
+            ran = {k: shm["transport"][k] + shm["c10d"].get(k, 0) for k in planned}
+            assert ran == planned and shm["transport"]["fallback"] == 0, shm
+            assert set(shm["c10d"]) <= {"all_reduce"}, shm  # every reduce-scatter and all-gather in shared memory
+            assert shm["transport"]["reduce_scatter"] >= EXPECTED[name]["reduce_scatter"], shm
 
 
 def _run_dropout_and_compiled(rank: int, world: int) -> dict:
