@@ -264,7 +264,7 @@ def report_text(a, pre, peers) -> str:
     def med(p):
         return statistics.median(p.times) if p and p.times else None
 
-    sp, tp, dsp = by.get("autotp TP+SP"), by.get("autotp TP"), by.get("DTensor TP+SP")
+    sp, dsp = by.get("autotp TP+SP"), by.get("DTensor TP+SP")
     for suffix in ("", " shm"):
         sp_, tp_ = by.get("autotp TP+SP" + suffix), by.get("autotp TP" + suffix)
         if sp_ and tp_:
