@@ -292,7 +292,6 @@ def _fused_vs_composite(rank, world):
     32 rows of 1000 float64 (256 KB) take four pieces of the 64 KiB slot."""
     import torch.nn.functional as F
 
-    from autotp.runtime import Communicator
     from autotp.samehost import SameHostComm
 
     comm = SameHostComm(slot_bytes=64 << 10, compiled=True)
