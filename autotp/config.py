@@ -26,8 +26,9 @@ class ShardConfig:
         activation_checkpointing: recompute each transformer block (each element of a module
             list) in backward instead of storing its activations.
         same_host_collectives: when every rank runs on this host (CPU ranks, gloo), take the
-            forward all-reduces and all-gathers through shared memory (``autotp.samehost``):
-            microseconds instead of gloo's ~1 ms each. Ignored where it does not apply.
+            all-reduces, all-gathers and (sequence parallelism's) reduce-scatters through shared
+            memory (``autotp.samehost``): microseconds instead of gloo's ~1 ms each for small
+            messages, memory bandwidth for large ones. Ignored where it does not apply.
         seed: base seed of the per-rank generators that draw dropout masks on sharded
             activations (rank r draws from ``seed + 7919 * (r + 1)``); ``None`` takes
             ``torch.initial_seed()`` when the model is sharded.
