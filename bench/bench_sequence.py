@@ -188,6 +188,7 @@ def run(a) -> dict:
     ref = H.build(pre, max_positions=max(1024, a.seq), train=True)
     torch.manual_seed(0)
     ids = torch.randint(0, pre.vocab, (a.batch_size, a.seq))
+    micro = collective_times(a.batch_size, a.seq, pre.hidden)
     peers = build_peers(a, mesh, ref, ids)
     for p in peers:  # memory: one measured step each, alone
         if p.error:
@@ -220,7 +221,7 @@ def run(a) -> dict:
                 if timed:
                     p.times.append(dt)
             H.guarded(p, "training step", step)
-    return {"text": report_text(a, pre, peers), "peers": [
+    return {"text": report_text(a, pre, peers) + "\n" + micro_text(a, pre, micro), "micro_ms": micro, "peers": [
         {"peer": p.name, "error": p.error, "activation_bytes": p.act, "peak_bytes": p.peak, "rss_bytes": p.rss,
          "step_s": p.times, "loss": p.loss, "note": p.note} for p in peers]}
 
@@ -236,6 +237,38 @@ class _Wrapped:
 
     def to_local(self):
         return self.loss.to_local() if hasattr(self.loss, "to_local") else self.loss
+
+
+def collective_times(batch: int, seq: int, hidden: int, rounds: int = 5) -> dict:
+    """Median ms (max over ranks) of the collectives SP trades, on one ``[batch, seq, hidden]`` fp32 activation:
+    all-reduce (TP's), reduce-scatter and all-gather along the sequence (SP's), through gloo and through the
+    same-host transport (where it applies)."""
+    from autotp.runtime import Communicator
+    from autotp.samehost import enable_same_host_collectives
+    from autotp.sequence import reduce_scatter
+    from autotp.traceable import gather
+
+    x = torch.randn(batch, seq, hidden)
+    shard = x.narrow(1, 0, -(-seq // H.WORLD)).contiguous()
+    out = {}
+    for transport, comm in (("gloo", Communicator()), ("shm", Communicator(same_host=enable_same_host_collectives()))):
+        if transport == "shm" and comm.same_host is None:
+            continue
+        for op, fn in (("all_reduce", lambda: comm.all_reduce(x)), ("reduce_scatter", lambda: reduce_scatter(x, 1, comm)),
+                       ("all_gather", lambda: gather(shard, 1, 1, seq, comm))):
+            times = []
+            for _ in range(rounds + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                times.append(max_over_ranks(time.perf_counter() - t0))
+            out[f"{transport} {op}"] = 1e3 * statistics.median(times[1:])
+    return out
+
+
+def micro_text(a, pre, micro: dict) -> str:
+    return (f"   collectives on one {a.batch_size}x{a.seq}x{pre.hidden} fp32 activation (median ms, max over ranks): " +
+            ", ".join(f"{k} {v:.1f}" for k, v in micro.items()))
 
 
 def _mib(b):

@@ -52,11 +52,16 @@ def test_gather_matches_all_gather_and_cat(tmp_path):
 def test_sequence_runs_every_peer_on_one_loss(tmp_path):
     doc, text = _harness(tmp_path, "sequence", "--world-sizes", "2", "--small")
     peers = {p["peer"]: p for p in doc["results"]["2"]["peers"]}
-    assert set(peers) == {"autotp TP", "autotp TP+SP", "DTensor TP", "DTensor TP+SP"}
+    assert set(peers) == {"autotp TP", "autotp TP+SP", "autotp TP shm", "autotp TP+SP shm", "DTensor TP",
+                          "DTensor TP+SP"}
     for name, p in peers.items():
         assert p["error"] is None and len(p["step_s"]) == 1 and p["activation_bytes"] > 0, (name, p)
         assert abs(p["loss"] - peers["autotp TP"]["loss"]) < 1e-4, (name, p["loss"])  # the same model and batch
     assert "reduce_scatter" in peers["autotp TP+SP"]["note"] and "activations autotp TP+SP / autotp TP" in text
+    assert "step time autotp TP+SP shm / autotp TP shm" in text
+    micro = doc["results"]["2"]["micro_ms"]
+    assert set(micro) == {f"{t} {op}" for t in ("gloo", "shm") for op in ("all_reduce", "reduce_scatter", "all_gather")}
+    assert all(v > 0 for v in micro.values()), micro
 
 
 def test_kernels_runs_what_is_registered(tmp_path):
