@@ -24,7 +24,7 @@ Generation is derandomized (``@seed``, no example database), so CI sees the same
 
 Options (registered in ``tests/conftest.py``):
 
-* ``--fuzz-examples N``: models per world size (default 150, the CI profile: about 2 minutes on
+* ``--fuzz-examples N``: models per world size (default 150, the CI profile: about 3.5 minutes on
   2 cores); e.g. ``pytest tests/test_fuzz.py --fuzz-examples 500`` for a long local run.
 * ``--fuzz-seed S``: another deterministic draw of models (default 0).
 * ``--fuzz-shrink``: greedily minimize each distinct failure before reporting it (one spawn

@@ -1,4 +1,4 @@
-"""Same-host collectives (autotp.samehost): shared-memory all-reduce / all-gather between CPU ranks.
+"""Same-host collectives (autotp.samehost): shared-memory all-reduce / all-gather / reduce-scatter between CPU ranks.
 
 Checked against gloo's own collectives at world size 2 and 4, through a sharded
 generation model (token-for-token equal to the unsharded model, with the
