@@ -22,9 +22,10 @@
 // The release store / acquire load pairs order the data with its flag on any architecture
 // (the Python fallback relies on x86-64's store ordering instead).  A wait spins for 50 us, then
 // yields (ranks may outnumber cores), and raises `Timeout` naming the late ranks after
-// timeout_s; the GIL is released while a rank waits or copies.  An all-reduce larger than a
-// slot goes through the slots in pieces, pipelined over the two sets (piece k + 1 is posted
-// before piece k is summed).
+// timeout_s; the GIL is released while a rank waits or copies.  An all-reduce, gather or
+// reduce-scatter larger than a slot goes through the slots in pieces, pipelined over the two sets
+// (piece k + 1 is posted before piece k is read; `pipelined`).  The reduce-scatter publishes every
+// rank's rows of a piece and reads only its own rows from each slot.
 //
 // Half types (bfloat16, float16) are summed in float and rounded once per element.
 #include <pybind11/pybind11.h>

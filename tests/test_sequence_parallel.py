@@ -78,7 +78,7 @@ def _run(rank: int, world: int) -> dict:
             "plan_fwd": plan.counts("forward"), "plan_bwd": plan.counts("backward"),
             "sequence_nodes": sum(1 for d in plan.nodes.values() if d.why.startswith("sequence-parallel")),
         }
-        if name in SAME_HOST:  # the same step through shared memory: every sum-collective leaves gloo
+        if name in SAME_HOST:  # the same step with the same-host transport carrying the collectives
             shm = autotp.shard(model, world, example_inputs=(ids,), example_kwargs=kw, sequence_parallel=True,
                                same_host_collectives=True)
             with torch.no_grad():
